@@ -1,0 +1,320 @@
+"""The one experiment configuration: data, preprocessing, model, training, sweep and tracking.
+
+Loaded from YAML presets (configs/*.yaml), overridden from the command line with
+`--set section.key=value` (the value parsed as YAML), validated by name, and flattened to
+`section.key` params for MLflow. Plain dataclasses and PyYAML only, so every layer can use it.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that names an unknown key or holds a bad value."""
+
+
+@dataclass
+class DataConfig:
+    # Data spec: lspet:PATH, lsp:PATH, mpii:PATH, synthetic[:N]; '+' joins datasets with one joint set.
+    spec: str = "synthetic"
+    # HDF5 caches live outside the repository by default (a job's --working-dir must not ship them).
+    cache_dir: str = "~/.cache/cpm-pipeline"
+    # Cap on training samples (None = all), for quick runs.
+    max_train_samples: int | None = None
+    max_val_samples: int | None = None
+
+
+@dataclass
+class PreprocessConfig:
+    input_size: int = 368  # crop side in pixels, the network input; belief maps are input_size / 8
+    sigma: float = 1.0  # ideal belief-map Gaussian, in heatmap cells
+    # How training crops are chosen: "bbox" (joints' bounding box, the design's default) or "image"
+    # (the evaluation protocol: image centre and size). Evaluation crops never use ground truth.
+    train_crop: str = "bbox"
+    # Crop side = context x person size (bbox side for training, image-derived for evaluation).
+    crop_context: float = 1.3
+    workers: int = 0  # preprocessing processes; 0 = all cores
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "paper"  # "paper" (Fig. 2, 9x9 convs) or "vgg" (VGG-19 conv1-conv4 front)
+    stages: int = 6
+    width: float = 1.0  # multiplier on the paper's channel counts (128 / 32 / 512)
+    stage1_kernel: int = 9  # kernel of stage 1's large convolutions and of the shared trunk
+    later_kernel: int = 11  # kernel of the large convolutions in stages >= 2 (receptive-field knob)
+    later_convs: int = 3  # number of those convolutions per stage >= 2
+    batch_norm: bool = False
+    center_sigma: float = 21.0  # centre-map Gaussian, in input pixels
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 16
+    optimizer: str = "adam"  # "sgd" (the paper's recipe) or "adam" (MMPose's CPM recipe)
+    lr: float = 5e-4
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    # "step" (x lr_gamma every lr_step_epochs), "cosine", or "constant"; warm-up in epochs first.
+    lr_schedule: str = "step"
+    lr_step_epochs: int = 10
+    lr_gamma: float = 0.333
+    warmup_epochs: float = 0.0
+    # "sum" = Caffe's EuclideanLoss (sum over map pixels / 2N), which the paper's lr assumes;
+    # "mean" = PyTorch's mean-reduced MSE.
+    loss_reduction: str = "mean"
+    intermediate_supervision: bool = True
+    # "joint": all stages trained together; "stagewise": stage t trained with earlier stages frozen;
+    # "stagewise_finetune": stagewise, then joint fine-tuning.
+    training_scheme: str = "joint"
+    finetune_epochs: int = 0  # joint epochs after a stagewise schedule
+    augment: bool = True
+    scale_min: float = 0.7
+    scale_max: float = 1.3
+    rotation_deg: float = 40.0
+    flip: bool = True
+    precision: str = "auto"  # "auto" (bf16 autocast where it is faster), "bf16" or "fp32"
+    seed: int = 0
+    init_weights: str | None = None  # a local state-dict file (e.g. ImageNet VGG weights)
+    max_steps_per_epoch: int | None = None
+    eval_flip: bool = False
+
+
+@dataclass
+class SweepConfig:
+    # Grid over dotted config keys, e.g. {"model.stages": [1, 2, 3], "train.seed": [0, 1]}.
+    grid: dict[str, list] = field(default_factory=dict)
+    # Random search over dotted keys: {"train.lr": {"loguniform": [1e-4, 1e-2]}}.
+    search: dict[str, dict] = field(default_factory=dict)
+    num_samples: int = 1
+    scheduler: str | None = None  # None or "asha"
+    workers_per_trial: int = 1
+    use_gpu: bool | None = None  # None = decided from the cluster
+    max_concurrent_trials: int | None = None  # None = derived from the cluster
+    max_failures: int = 2
+    storage_path: str = "~/ray_results/cpm-pipeline"
+
+
+@dataclass
+class TrackingConfig:
+    tracking_uri: str | None = None  # None = MLFLOW_TRACKING_URI or the embedded SQLite default
+    experiment: str = "cpm-pipeline"
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "default"
+    data: DataConfig = field(default_factory=DataConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    # --- conversions -------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def flat_params(self) -> dict[str, Any]:
+        """`section.key` -> value, for MLflow params (dicts and lists as JSON)."""
+        flat: dict[str, Any] = {"name": self.name}
+        for section in SECTIONS:
+            for key, value in dataclasses.asdict(getattr(self, section)).items():
+                flat[f"{section}.{key}"] = json.dumps(value) if isinstance(value, (dict, list)) else value
+        return flat
+
+    def with_overrides(self, overrides: dict[str, Any]) -> "ExperimentConfig":
+        """A copy with dotted-key overrides applied (values already parsed)."""
+        data = self.to_dict()
+        for dotted, value in overrides.items():
+            _set_dotted(data, dotted, value)
+        return from_dict(data)
+
+
+SECTIONS = ("data", "preprocess", "model", "train", "sweep", "tracking")
+_SECTION_TYPES = {f.name: f.type for f in fields(ExperimentConfig) if f.name in SECTIONS}
+
+_CHOICES = {
+    "preprocess.train_crop": ("bbox", "image"),
+    "model.backbone": ("paper", "vgg"),
+    "train.optimizer": ("sgd", "adam"),
+    "train.lr_schedule": ("step", "cosine", "constant"),
+    "train.loss_reduction": ("sum", "mean"),
+    "train.training_scheme": ("joint", "stagewise", "stagewise_finetune"),
+    "train.precision": ("auto", "bf16", "fp32"),
+    "sweep.scheduler": (None, "asha"),
+}
+
+
+def _section_class(section: str):
+    return get_type_hints(ExperimentConfig)[section]
+
+
+def _check_type(path: str, value: Any, hint: Any) -> Any:
+    """Coerce ints to floats where a float is expected; reject other type mismatches by name."""
+    text = str(hint)
+    allows_none = "None" in text
+    if value is None:
+        if allows_none:
+            return None
+        raise ConfigError(f"config key '{path}' must not be null")
+    base = text.replace(" | None", "").replace("typing.Optional[", "").rstrip("]")
+    if hint is bool or base == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{path}' must be true or false, got {value!r}")
+    elif hint is int or base == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key '{path}' must be an integer, got {value!r}")
+    elif hint is float or base == "float":
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{path}' must be a number, got {value!r}")
+        value = float(value)
+    elif hint is str or base == "str":
+        if not isinstance(value, str):
+            raise ConfigError(f"config key '{path}' must be a string, got {value!r}")
+    elif base.startswith("dict"):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{path}' must be a mapping, got {value!r}")
+    return value
+
+
+def from_dict(data: dict[str, Any]) -> ExperimentConfig:
+    """Build a config from nested plain data, rejecting unknown keys and bad types by name."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"a config must be a mapping of sections, got {type(data).__name__}")
+    unknown = set(data) - set(SECTIONS) - {"name"}
+    if unknown:
+        raise ConfigError(f"unknown config section(s) {sorted(unknown)}; expected 'name' or one of {list(SECTIONS)}")
+    kwargs: dict[str, Any] = {}
+    if "name" in data:
+        kwargs["name"] = _check_type("name", data["name"], str)
+    for section in SECTIONS:
+        values = data.get(section) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"config section '{section}' must be a mapping, got {values!r}")
+        cls = _section_class(section)
+        hints = get_type_hints(cls)
+        bad = set(values) - set(hints)
+        if bad:
+            raise ConfigError(f"unknown config key(s) {sorted(f'{section}.{k}' for k in bad)}; "
+                              f"'{section}' takes {sorted(hints)}")
+        checked = {k: _check_type(f"{section}.{k}", copy.deepcopy(v), hints[k]) for k, v in values.items()}
+        kwargs[section] = cls(**checked)
+    return ExperimentConfig(**kwargs)
+
+
+def validate(config: ExperimentConfig) -> None:
+    """Reject bad values, naming the key and what was expected."""
+    for dotted, choices in _CHOICES.items():
+        section, key = dotted.split(".")
+        value = getattr(getattr(config, section), key)
+        if value not in choices:
+            raise ConfigError(f"config key '{dotted}' must be one of {list(choices)}, got {value!r}")
+    m, t, p = config.model, config.train, config.preprocess
+    checks = [
+        ("model.stages", m.stages >= 1, "an integer >= 1"),
+        ("model.width", m.width > 0, "a positive number"),
+        ("model.stage1_kernel", m.stage1_kernel >= 1 and m.stage1_kernel % 2 == 1, "an odd integer >= 1"),
+        ("model.later_kernel", m.later_kernel >= 1 and m.later_kernel % 2 == 1, "an odd integer >= 1"),
+        ("model.later_convs", m.later_convs >= 1, "an integer >= 1"),
+        ("model.center_sigma", m.center_sigma > 0, "a positive number of pixels"),
+        ("preprocess.input_size", p.input_size >= 32 and p.input_size % 8 == 0, "a multiple of 8, at least 32"),
+        ("preprocess.sigma", p.sigma > 0, "a positive number of heatmap cells"),
+        ("preprocess.crop_context", p.crop_context >= 1.0, "a number >= 1"),
+        ("preprocess.workers", p.workers >= 0, "an integer >= 0"),
+        ("train.epochs", t.epochs >= 1, "an integer >= 1"),
+        ("train.batch_size", t.batch_size >= 1, "an integer >= 1"),
+        ("train.lr", t.lr > 0, "a positive number"),
+        ("train.scale_min", 0 < t.scale_min <= t.scale_max, "0 < scale_min <= scale_max"),
+        ("train.rotation_deg", 0 <= t.rotation_deg <= 180, "degrees in [0, 180]"),
+        ("train.lr_step_epochs", t.lr_step_epochs >= 1, "an integer >= 1"),
+        ("train.finetune_epochs", t.finetune_epochs >= 0, "an integer >= 0"),
+        ("sweep.workers_per_trial", config.sweep.workers_per_trial >= 1, "an integer >= 1"),
+        ("sweep.num_samples", config.sweep.num_samples >= 1, "an integer >= 1"),
+    ]
+    for key, ok, expected in checks:
+        if not ok:
+            section, name = key.split(".")
+            raise ConfigError(f"config key '{key}' must be {expected}, got {getattr(getattr(config, section), name)!r}")
+    for dotted in list(config.sweep.grid) + list(config.sweep.search):
+        _check_dotted_key(dotted, where="sweep grid/search")
+    for dotted, values in config.sweep.grid.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"sweep.grid['{dotted}'] must be a non-empty list, got {values!r}")
+
+
+def _check_dotted_key(dotted: str, where: str) -> None:
+    parts = dotted.split(".")
+    if len(parts) != 2 or parts[0] not in SECTIONS or parts[1] not in get_type_hints(_section_class(parts[0])):
+        raise ConfigError(f"{where} names unknown config key '{dotted}'; expected 'section.key', e.g. 'model.stages'")
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    if dotted == "name":
+        data["name"] = value
+        return
+    _check_dotted_key(dotted, where="override")
+    section, key = dotted.split(".")
+    data.setdefault(section, {})[key] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'model.stages=3' -> ('model.stages', 3); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value, e.g. model.stages=3")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from exc
+    return key.strip(), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """A preset file (None = built-in defaults) with `section.key=value` overrides applied."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
+    try:
+        for text in overrides or []:
+            key, value = parse_override(text)
+            _set_dotted(data, key, value)
+        return from_dict(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}" if path is not None else str(exc)) from None
+
+
+def add_config_arguments(parser) -> None:
+    """Add --config, --set and --print-config to an argparse parser."""
+    parser.add_argument("--config", default=None, help="YAML preset (configs/*.yaml); default: built-in defaults")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set model.stages=3 (repeatable)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
