@@ -1,4 +1,12 @@
 """Dataset readers (LSPET, LSP, MPII, embedded synthetic) behind one small interface."""
 from .base import DatasetError, PoseDataset, PoseSample, SampleSkipped
+from .lsp import LSPDataset
+from .lspet import LSPETDataset
+from .mpii import MPIIDataset
+from .splits import SPLITS, hash_bucket, hashed_split_indices, split_of_name
 
-__all__ = ["DatasetError", "PoseDataset", "PoseSample", "SampleSkipped"]
+__all__ = [
+    "DatasetError", "PoseDataset", "PoseSample", "SampleSkipped",
+    "LSPDataset", "LSPETDataset", "MPIIDataset",
+    "SPLITS", "hash_bucket", "hashed_split_indices", "split_of_name",
+]

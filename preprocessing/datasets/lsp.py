@@ -1,0 +1,59 @@
+"""Original Leeds Sports Pose (LSP) reader.
+
+Layout: ROOT/images/im%04d.jpg (im0001.jpg ... im2000.jpg) and ROOT/joints.mat holding `joints`,
+shape (3, 14, N): x, y and an occlusion bit per joint. The third row is the other way round from
+LSPET: 1 = occluded, 0 = visible; every joint is labelled either way, so every flag here is 1 and
+the occlusion bit is kept in PoseSample.extras["occluded"] (bool, (14,)). Coordinates as stored
+(see lspet.py).
+
+Splits: the standard one, images 1-1000 'train' and 1001-N 'test' (1001-2000 in the real set).
+'val' is a deterministic ~10% held out of images 1-1000, those whose file-name hash falls in the
+val buckets of preprocessing.datasets.splits; 'train' is the rest of 1-1000, so 'test' stays the
+standard test set.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from cpm_model.joints import LSP
+
+from .base import DatasetError
+from .lspet import NumberedImageDataset, check_joints, check_numeric_3d
+from .splits import official_split_indices
+
+NUM_OFFICIAL_TRAIN = 1000  # images 1-1000 are LSP's training set
+
+
+def lsp_split_indices(image_names: list[str] | tuple[str, ...], split: str) -> np.ndarray:
+    """LSP split of samples named `image_names` (in file order): see the module docstring."""
+    is_train = np.arange(len(image_names)) < NUM_OFFICIAL_TRAIN
+    return official_split_indices(image_names, is_train, split)
+
+
+class LSPDataset(NumberedImageDataset):
+    """Original LSP: images/im%04d.jpg + joints.mat `joints` (3, 14, N), row 3 = occluded."""
+
+    kind = "lsp"
+    joint_set = LSP
+    name_pattern = "im%04d.jpg"
+
+    def _convert_joints(self, raw, path):
+        if raw.ndim == 3 and raw.shape[:2] == (14, 3):
+            raise DatasetError(f"{path}: 'joints' has shape {raw.shape}, the LSPET layout (14, 3, N); "
+                               f"the LSP reader expects (3, 14, N): use 'lspet:PATH' for LSPET")
+        check_numeric_3d(raw, path, "joints", (3, 14), "rows x, y, occluded per joint")
+        joints = np.ascontiguousarray(raw.transpose(2, 1, 0), dtype=np.float64)  # (N, 14, 3)
+        occlusion_bits = joints[:, :, 2]
+        bad = ~np.isin(occlusion_bits, (0.0, 1.0))
+        if bad.any():
+            sample, joint = np.argwhere(bad)[0]
+            raise DatasetError(f"{path}: sample {sample + 1}, joint {joint} has occlusion bit "
+                               f"{occlusion_bits[sample, joint]!r}; expected 0 or 1")
+        occluded = occlusion_bits == 1
+        joints[:, :, 2] = 1.0  # all 14 joints are labelled in LSP, occluded or not
+        check_joints(joints, path)  # now checks every joint's x, y are finite
+        return joints, {"occluded": occluded}
+
+    def split_indices(self, split: str) -> np.ndarray:
+        return lsp_split_indices(self._image_names, split)
