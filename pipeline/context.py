@@ -1,0 +1,193 @@
+"""What the training loop needs from its surroundings, and the single-process implementation.
+
+The loop (`pipeline.training.train_worker`) talks only to a `WorkerContext`: which rank it is, which
+device to use, how to sum numbers over ranks, how to wrap the model for data parallelism, where to
+report metrics and checkpoints, and which checkpoint to resume from. `LocalContext` runs one process;
+a Ray Train context implements the same methods with ray.train.report / get_checkpoint /
+get_context, so the loop runs unchanged inside a Ray Train worker.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+class WorkerContext:
+    """Interface the training loop uses. Subclasses set rank, world_size and device."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_chief(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce_sum(self, values: np.ndarray) -> np.ndarray:
+        """Element-wise sum of `values` over all ranks (every rank must call it, same shape)."""
+        raise NotImplementedError
+
+    def barrier(self) -> None:
+        """Wait for every rank (a sum of zeros: needs nothing beyond all_reduce_sum)."""
+        self.all_reduce_sum(np.zeros(1))
+
+    def wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The model as the optimiser should see it (DistributedDataParallel when world_size > 1)."""
+        if self.world_size > 1:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        return model
+
+    def report(self, metrics: dict, checkpoint_dir: str | None = None) -> None:
+        """Publish one row of metrics and, optionally, a directory holding a checkpoint.
+
+        Every rank calls it the same number of times; only the chief passes a directory.
+        """
+        raise NotImplementedError
+
+    def restore_checkpoint_dir(self) -> str | None:
+        """A directory holding the checkpoint to resume from, or None to start afresh."""
+        raise NotImplementedError
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+
+
+class LocalContext(WorkerContext):
+    """One process. Checkpoints are copied to `out_dir/checkpoints/epoch_NNNN/`; the newest
+    `keep_checkpoints` are kept plus the best by `score_attribute` (as Ray's CheckpointConfig does).
+
+    `report` prints a row per call (unless quiet) and passes the metrics to `on_report`.
+    With `resume=True`, `restore_checkpoint_dir` returns the newest saved checkpoint, if any.
+    """
+
+    def __init__(self, out_dir: str | Path | None = None, device: torch.device | str | None = None,
+                 resume: bool = False, keep_checkpoints: int = 1, score_attribute: str = "pck",
+                 on_report: Callable[[dict, str | None], None] | None = None, quiet: bool = False):
+        self.rank = 0
+        self.world_size = 1
+        self.device = torch.device(device) if device is not None else default_device()
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.resume = resume
+        self.keep_checkpoints = max(1, keep_checkpoints)
+        self.score_attribute = score_attribute
+        self.on_report = on_report
+        self.quiet = quiet
+        self.history: list[dict] = []
+        self.saved: list[tuple[Path, float]] = []  # (directory, score) in report order
+        self._printed_header = False
+
+    def all_reduce_sum(self, values: np.ndarray) -> np.ndarray:
+        return np.asarray(values).copy()
+
+    def report(self, metrics: dict, checkpoint_dir: str | None = None) -> None:
+        metrics = dict(metrics)
+        self.history.append(metrics)
+        saved_dir = None
+        if checkpoint_dir is not None and self.out_dir is not None:
+            saved_dir = self._persist(metrics, Path(checkpoint_dir))
+        if self.out_dir is not None:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.out_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(_plain(metrics)) + "\n")
+        if not self.quiet:
+            self._print_row(metrics)
+        if self.on_report is not None:
+            self.on_report(metrics, str(saved_dir) if saved_dir else checkpoint_dir)
+
+    def _persist(self, metrics: dict, source: Path) -> Path:
+        root = self.out_dir / "checkpoints"
+        root.mkdir(parents=True, exist_ok=True)
+        target = root / f"epoch_{int(metrics.get('epoch', len(self.saved))):04d}"
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.copytree(source, target)
+        score = metrics.get(self.score_attribute, float("nan"))
+        self.saved.append((target, float(score) if score is not None else float("nan")))
+        self._prune()
+        return target
+
+    def _prune(self) -> None:
+        scored = [(s if not math.isnan(s) else -math.inf, i) for i, (_, s) in enumerate(self.saved)]
+        best = max(scored)[1] if scored else None
+        newest = set(range(len(self.saved) - self.keep_checkpoints, len(self.saved)))
+        kept = []
+        for i, (path, score) in enumerate(self.saved):
+            if i in newest or i == best:
+                kept.append((path, score))
+            else:
+                shutil.rmtree(path, ignore_errors=True)
+        self.saved = kept
+
+    def latest_checkpoint_dir(self) -> Path | None:
+        root = self.out_dir / "checkpoints" if self.out_dir is not None else None
+        if root is None or not root.is_dir():
+            return None
+        candidates = sorted(p for p in root.glob("epoch_*") if (p / CHECKPOINT_FILE).is_file())
+        return candidates[-1] if candidates else None
+
+    def best_checkpoint_dir(self) -> Path | None:
+        if not self.saved:
+            return None
+        return max(self.saved, key=lambda item: -math.inf if math.isnan(item[1]) else item[1])[0]
+
+    def restore_checkpoint_dir(self) -> str | None:
+        if not self.resume:
+            return None
+        latest = self.latest_checkpoint_dir()
+        if latest is not None:
+            self.saved = [(latest, float("nan"))]
+        return str(latest) if latest is not None else None
+
+    # --- printing --------------------------------------------------------------------------
+    _COLUMNS = (("epoch", "{:>5}", "{:>5d}"), ("train_loss", "{:>11}", "{:>11.4g}"),
+                ("pck", "{:>7}", "{:>7.3f}"), ("pck@0.1", "{:>7}", "{:>7.3f}"), ("auc", "{:>6}", "{:>6.3f}"),
+                ("lr", "{:>9}", "{:>9.2e}"), ("epoch_time_s", "{:>7}", "{:>7.1f}"),
+                ("images_per_s", "{:>8}", "{:>8.1f}"))
+
+    def _print_row(self, metrics: dict) -> None:
+        if "train_loss" not in metrics:  # a summary row (e.g. the test score): print it whole
+            print("  ".join(f"{k}={_fmt(v)}" for k, v in metrics.items() if not k.startswith("test_pck_") or "stage" in k),
+                  flush=True)
+            return
+        stage_keys = sorted((k for k in metrics if k.startswith("pck_stage")), key=lambda k: int(k[9:]))
+        if not self._printed_header:
+            names = {"epoch_time_s": "time_s", "images_per_s": "img/s"}
+            header = [fmt.format(names.get(key, key)) for key, fmt, _ in self._COLUMNS]
+            header += [f"{'pck_s' + k[9:]:>7}" for k in stage_keys]
+            print(" ".join(header), flush=True)
+            self._printed_header = True
+        cells = []
+        for key, head_fmt, fmt in self._COLUMNS:
+            value = metrics.get(key)
+            cells.append(fmt.format(value) if isinstance(value, (int, float)) and value is not None
+                         else head_fmt.format("-"))
+        cells += [f"{metrics[k]:>7.3f}" for k in stage_keys]
+        print(" ".join(cells), flush=True)
+
+
+def _fmt(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _plain(value):
+    """JSON-safe copy (numpy scalars -> Python; NaN -> None)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value

@@ -1,0 +1,139 @@
+"""Epoch iteration straight from the HDF5 pose cache, sharded over ranks, with a prefetch thread.
+
+- Training: a permutation drawn from (seed, epoch), the same on every rank. Global batch s is
+  permutation[s*B*W : (s+1)*B*W]; rank r takes its r-th slice of B. So no sample appears twice in
+  an epoch and every rank runs the same number of steps (the remainder is dropped).
+- Evaluation: contiguous shards without padding (rank r gets np.array_split(..., W)[r]); the
+  ranks' metric counts are summed afterwards, so unequal shard sizes are fine.
+- A background thread reads the next batch (sorted indices: h5py reads increasing indices
+  best) while the model computes on the current one; on CUDA the tensors are pinned and copied
+  with non_blocking=True.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+# Arrays that go to the compute device; the rest (affines, original joints, normalisers) stay on
+# the CPU, where decoding and PCK run.
+DEVICE_KEYS = ("images", "belief_maps", "joints")
+
+
+def subset_indices(num_samples: int, max_samples: int | None) -> np.ndarray:
+    """The cache rows a run uses: all, or the first `max_samples` (a fixed, reproducible subset)."""
+    count = num_samples if max_samples is None else min(num_samples, int(max_samples))
+    return np.arange(count, dtype=np.int64)
+
+
+def train_batches(num_samples: int, batch_size: int, rank: int, world_size: int, seed: int, epoch: int,
+                  max_steps: int | None = None) -> list[np.ndarray]:
+    """Positions (into 0..num_samples-1) of this rank's training batches for one epoch.
+
+    Deterministic in (seed, epoch); identical step count on every rank; remainder dropped.
+    """
+    permutation = np.random.default_rng([int(seed), int(epoch)]).permutation(num_samples)
+    global_batch = batch_size * world_size
+    steps = num_samples // global_batch
+    if max_steps is not None:
+        steps = min(steps, int(max_steps))
+    batches = []
+    for step in range(steps):
+        start = step * global_batch + rank * batch_size
+        batches.append(np.sort(permutation[start:start + batch_size]))
+    return batches
+
+
+def eval_batches(num_samples: int, batch_size: int, rank: int, world_size: int) -> list[np.ndarray]:
+    """This rank's evaluation batches: a contiguous shard, no padding, no duplicates."""
+    shard = np.array_split(np.arange(num_samples, dtype=np.int64), world_size)[rank]
+    return [shard[i:i + batch_size] for i in range(0, len(shard), batch_size)]
+
+
+def _to_tensors(arrays: dict[str, np.ndarray], pin: bool) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in arrays.items():
+        tensor = torch.from_numpy(np.ascontiguousarray(value))
+        if pin and key in DEVICE_KEYS:
+            tensor = tensor.pin_memory()
+        out[key] = tensor
+    return out
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """Move the compute arrays; images become float (B, 3, S, S) in [0, 1], belief maps float32."""
+    non_blocking = device.type == "cuda"
+    out = dict(batch)
+    if "images" in batch:
+        images = batch["images"].to(device, non_blocking=non_blocking)
+        out["images"] = images.permute(0, 3, 1, 2).float().div_(255.0)
+    if "belief_maps" in batch:
+        out["belief_maps"] = batch["belief_maps"].to(device, non_blocking=non_blocking).float()
+    if "joints" in batch:
+        out["joints"] = batch["joints"].to(device, non_blocking=non_blocking).float()
+    return out
+
+
+class CacheBatches:
+    """Iterate over batches of cache rows with a background reader thread.
+
+    `cache` needs `read(indices, keys) -> dict of arrays`; `rows` maps batch positions to cache rows
+    (e.g. a subset); `batches` are lists of positions. Yields dicts of tensors (DEVICE_KEYS on
+    `device`, the rest on the CPU) plus "index" (the cache rows, CPU).
+    """
+
+    def __init__(self, cache, rows: np.ndarray, batches: Sequence[np.ndarray], device: torch.device,
+                 keys: Sequence[str] | None = None, prefetch: int = 2):
+        self.cache = cache
+        self.rows = np.asarray(rows, dtype=np.int64)
+        self.batches = list(batches)
+        self.device = torch.device(device)
+        self.keys = tuple(keys) if keys is not None else None
+        self.prefetch = max(1, prefetch)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def _read(self, positions: np.ndarray) -> dict[str, torch.Tensor]:
+        indices = self.rows[positions]
+        arrays = self.cache.read(indices, keys=self.keys) if self.keys else self.cache.read(indices)
+        arrays["index"] = indices
+        return _to_tensors(arrays, pin=self.device.type == "cuda")
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        done = object()
+        slots: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+
+        def reader() -> None:
+            try:
+                for positions in self.batches:
+                    if stop.is_set():
+                        return
+                    slots.put(self._read(positions))
+                slots.put(done)
+            except BaseException as exc:  # noqa: BLE001 - handed to the consuming thread
+                slots.put(exc)
+
+        thread = threading.Thread(target=reader, name="cache-prefetch", daemon=True)
+        thread.start()
+        try:
+            while True:
+                item = slots.get()
+                if item is done:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                yield to_device(item, self.device)
+        finally:
+            stop.set()
+            while thread.is_alive():  # unblock a reader waiting on a full queue
+                try:
+                    slots.get_nowait()
+                except queue.Empty:
+                    pass
+                thread.join(timeout=0.05)
