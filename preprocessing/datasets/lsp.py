@@ -49,7 +49,7 @@ class LSPDataset(NumberedImageDataset):
         if bad.any():
             sample, joint = np.argwhere(bad)[0]
             raise DatasetError(f"{path}: sample {sample + 1}, joint {joint} has occlusion bit "
-                               f"{occlusion_bits[sample, joint]!r}; expected 0 or 1")
+                               f"{float(occlusion_bits[sample, joint])}; expected 0 or 1")
         occluded = occlusion_bits == 1
         joints[:, :, 2] = 1.0  # all 14 joints are labelled in LSP, occluded or not
         check_joints(joints, path)  # now checks every joint's x, y are finite

@@ -97,7 +97,7 @@ def check_joints(joints: np.ndarray, path: Path) -> None:
     bad_flag = ~np.isin(flags, (0.0, 1.0))
     if bad_flag.any():
         sample, joint = np.argwhere(bad_flag)[0]
-        raise DatasetError(f"{path}: sample {sample + 1}, joint {joint} has flag {flags[sample, joint]!r}; "
+        raise DatasetError(f"{path}: sample {sample + 1}, joint {joint} has flag {float(flags[sample, joint])}; "
                            f"expected 0 or 1")
     bad_xy = (flags == 1) & ~np.isfinite(joints[:, :, :2]).all(axis=-1)
     if bad_xy.any():
