@@ -1,0 +1,349 @@
+"""Build HDF5 pose caches: dataset -> person crops -> ideal belief maps -> one file per split.
+
+`build_cache` returns at once when the file for (dataset identity, split, content settings)
+exists (a hit: only the annotation-level identity is computed, no image is read). Otherwise it
+takes a lock next to the file (a second process asking for the same cache waits, then gets the
+hit), preprocesses the samples in a pool of worker processes (decode, crop, warp, render), writes
+them in order, in blocks, from the parent (memory stays flat whatever the dataset size) into a
+temp file, and renames it into place. A failed build leaves only a temp file that is never taken
+for a cache and is removed by the next build of the same cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import logging
+import multiprocessing
+import os
+import threading
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from cpm_model.config import PreprocessConfig
+from cpm_model.geometry import apply_affine, invert_affine
+from cpm_model.heatmaps import STRIDE, render_belief_maps
+from cpm_model.joints import torso_size
+
+from . import crops
+from .cache import LAYOUT, CacheWriter, cache_file_name, cache_key, stale_temp_files, temp_path_for
+from .datasets.base import DatasetError, PoseDataset, SampleSkipped
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+WRITE_BLOCK = 64  # samples per write; also bounds how far workers may run ahead (x IN_FLIGHT_BLOCKS)
+IN_FLIGHT_BLOCKS = 4
+MAX_SKIP_EXAMPLES = 5
+
+
+class SkippedSamplesWarning(UserWarning):
+    """Some samples could not be used and were left out of a cache."""
+
+
+def content_settings(preprocess: PreprocessConfig) -> dict:
+    """The preprocessing fields that change what a cache holds (not `workers`)."""
+    settings = dataclasses.asdict(preprocess)
+    settings.pop("workers", None)
+    return settings
+
+
+def num_workers(preprocess: PreprocessConfig) -> int:
+    return preprocess.workers or os.cpu_count() or 1
+
+
+# --- one sample -----------------------------------------------------------------------------------
+
+
+def dataset_kinds(dataset: PoseDataset) -> list[str]:
+    """Kind of each member dataset ('lspet', ...); one entry for a plain dataset."""
+    members = getattr(dataset, "members", None)
+    if members:
+        return [m.identity().get("type", "") for m in members]
+    return [dataset.identity().get("type", "")]
+
+
+def crop_joints(joints_original: np.ndarray, affine: np.ndarray, input_size: int) -> np.ndarray:
+    """Joints in crop pixels; flag 1 only where annotated and inside the crop."""
+    joints = np.empty_like(joints_original, dtype=np.float64)
+    joints[:, :2] = apply_affine(joints_original[:, :2], affine)
+    inside = (joints[:, :2] >= -0.5).all(axis=1) & (joints[:, :2] < input_size - 0.5).all(axis=1)
+    joints[:, 2] = ((joints_original[:, 2] > 0) & inside).astype(np.float64)
+    return joints
+
+
+def warp_image(image: np.ndarray, affine: np.ndarray, input_size: int) -> np.ndarray:
+    """The crop: bilinear, black outside the image (OpenCV uses the same pixel-centre convention)."""
+    return cv2.warpAffine(image, affine, (input_size, input_size), flags=cv2.INTER_LINEAR,
+                          borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0))
+
+
+def preprocess_sample(dataset: PoseDataset, index: int, split: str, preprocess: PreprocessConfig,
+                      kinds: list[str]) -> dict[str, np.ndarray]:
+    """One cache row (see preprocessing.cache for the fields); raises SampleSkipped."""
+    sample = dataset.sample(index)
+    image = dataset.load_image(index)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise SampleSkipped("unreadable_image", f"{sample.image_path}: expected RGB uint8, got "
+                                                f"{image.dtype} {image.shape}")
+    image_hw = image.shape[:2]
+    kind = kinds[sample.extras.get("member", 0)] if len(kinds) > 1 else kinds[0]
+    size = preprocess.input_size
+    to_crop = crops.person_crop(sample, image_hw, split, preprocess.train_crop, preprocess.crop_context, size, kind)
+    joints_original = np.asarray(sample.joints, dtype=np.float64)
+    joints = crop_joints(joints_original, to_crop, size)
+    return {
+        "images": warp_image(image, to_crop, size),
+        "belief_maps": render_belief_maps(joints, size // STRIDE, preprocess.sigma).astype(np.float16),
+        "joints": joints.astype(np.float32),
+        "joints_original": joints_original.astype(np.float32),
+        "affine": invert_affine(to_crop),
+        "torso": np.float32(torso_size(joints_original[None], dataset.joint_set)[0]),
+        "head_size": np.float32(sample.head_size),
+        "source_index": np.int64(index),
+        "image_size": np.array(image_hw, dtype=np.int32),
+    }
+
+
+# Worker-process state, set once by the pool initializer (the dataset is not re-sent per task).
+_WORKER: dict = {}
+
+
+def _init_worker(dataset, split, preprocess, kinds) -> None:
+    import torch
+
+    torch.set_num_threads(1)  # one process per core already
+    cv2.setNumThreads(1)
+    _WORKER.update(dataset=dataset, split=split, preprocess=preprocess, kinds=kinds)
+
+
+def _work(index: int):
+    """('ok', row) or ('skip', reason, message); any other exception fails the build."""
+    try:
+        return "ok", preprocess_sample(_WORKER["dataset"], int(index), _WORKER["split"], _WORKER["preprocess"],
+                                       _WORKER["kinds"])
+    except SampleSkipped as skip:
+        return "skip", skip.reason, str(skip)
+
+
+class _Throttle:
+    """Feeds indices to the pool no faster than the parent consumes results (flat memory)."""
+
+    def __init__(self, indices, in_flight: int):
+        self._indices = indices
+        self._slots = threading.Semaphore(in_flight)
+        self._stopped = False
+
+    def __iter__(self):
+        for index in self._indices:
+            self._slots.acquire()
+            if self._stopped:
+                return
+            yield index
+
+    def release(self) -> None:
+        self._slots.release()
+
+    def stop(self) -> None:
+        """Unblock the pool's feeder thread so that the pool can shut down."""
+        self._stopped = True
+        self._slots.release()
+
+
+@contextmanager
+def _results(dataset, indices, split, preprocess, kinds, workers: int):
+    """(iterator of _work results in the order of `indices`, callback for each consumed result)."""
+    if workers <= 1 or len(indices) <= 1:
+        _init_worker(dataset, split, preprocess, kinds)
+        yield (_work(i) for i in indices), (lambda: None)
+        return
+    throttle = _Throttle(indices, WRITE_BLOCK * IN_FLIGHT_BLOCKS)
+    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
+    pool = context.Pool(workers, initializer=_init_worker, initargs=(dataset, split, preprocess, kinds))
+    try:
+        chunk = max(1, min(8, len(indices) // (4 * workers)))
+        yield pool.imap(_work, throttle, chunksize=chunk), throttle.release
+        pool.close()
+    except BaseException:
+        throttle.stop()
+        pool.terminate()
+        raise
+    finally:
+        pool.join()
+
+
+# --- one cache ------------------------------------------------------------------------------------
+
+
+def _stack(rows: list[dict]) -> dict[str, np.ndarray]:
+    return {name: np.stack([row[name] for row in rows]) for name in LAYOUT}
+
+
+@contextmanager
+def _exclusive_lock(lock_path: Path):
+    with open(lock_path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the handle closes, also if we crash
+        yield
+
+
+def _select_indices(dataset: PoseDataset, split: str, max_samples: int | None) -> np.ndarray:
+    indices = np.asarray(dataset.split_indices(split), dtype=np.int64)
+    return indices[:max_samples] if max_samples is not None else indices
+
+
+def _check_samples(dataset: PoseDataset, indices: np.ndarray) -> None:
+    """Annotation-level checks before any file is written (cheap: no image is decoded)."""
+    expected = (dataset.joint_set.num_parts, 3)
+    for index in indices:
+        joints = np.asarray(dataset.sample(int(index)).joints)
+        if joints.shape != expected:
+            raise DatasetError(f"{dataset!r}: sample {index} has joints of shape {joints.shape}; expected {expected}")
+
+
+def _write_cache(dataset, label: str, split, indices, preprocess, final_path, strict, progress, extra) -> Path:
+    joint_set = dataset.joint_set
+    kinds = dataset_kinds(dataset)
+    workers = min(num_workers(preprocess), max(1, len(indices)))
+    skipped: dict[str, int] = {}
+    examples: dict[str, list[str]] = {}
+    tmp_path = temp_path_for(final_path)
+    writer = None
+    try:
+        with _results(dataset, indices, split, preprocess, kinds, workers) as (results, release):
+            writer = CacheWriter(tmp_path, joint_set.num_parts, preprocess.input_size, len(indices))
+            rows: list[dict] = []
+            without_torso = 0
+            bar = tqdm(results, total=len(indices), disable=not progress, unit="img",
+                       desc=f"{final_path.name}", dynamic_ncols=True)
+            for result in bar:
+                release()
+                if result[0] == "skip":
+                    _, reason, message = result
+                    if strict:
+                        raise DatasetError(f"{label} split '{split}': {message} "
+                                           f"(strict mode turns skipped samples into errors)")
+                    skipped[reason] = skipped.get(reason, 0) + 1
+                    examples.setdefault(reason, [])
+                    if len(examples[reason]) < MAX_SKIP_EXAMPLES:
+                        examples[reason].append(message)
+                    continue
+                rows.append(result[1])
+                without_torso += int(np.isnan(result[1]["torso"]))
+                if len(rows) >= WRITE_BLOCK:
+                    writer.append(_stack(rows))
+                    rows = []
+            if rows:
+                writer.append(_stack(rows))
+        if writer.num_samples == 0:
+            raise DatasetError(f"{label} split '{split}': no usable sample out of "
+                               f"{len(indices)} (skipped: {skipped or 'none'})")
+        writer.finish({
+            "joint_set": joint_set.name,
+            "joint_names": list(joint_set.names),
+            "flip_pairs": [list(pair) for pair in joint_set.flip_pairs],
+            "settings": content_settings(preprocess),
+            "crop_rule": extra["crop_rule"],
+            "source": dataset.identity(),
+            "data_spec": label,
+            "split": split,
+            "max_samples": extra.get("max_samples"),
+            "skipped": skipped,
+            "skipped_examples": examples,
+            "num_without_torso": without_torso,
+        })
+        writer = None
+        os.replace(tmp_path, final_path)
+    finally:
+        if writer is not None:
+            writer.close()
+        tmp_path.unlink(missing_ok=True)
+    if skipped:
+        total = sum(skipped.values())
+        names = "; ".join(m for ms in examples.values() for m in ms)
+        message = (f"{final_path.name}: skipped {total} of {len(indices)} samples {skipped}, e.g. {names}")
+        log.warning(message)
+        warnings.warn(message, SkippedSamplesWarning, stacklevel=3)
+    return final_path
+
+
+def _resolve_dataset(data_spec) -> tuple[PoseDataset, str]:
+    """(dataset, label for messages and attributes) from a spec string or a dataset object."""
+    if isinstance(data_spec, str):
+        from .spec import parse_data_spec
+
+        return parse_data_spec(data_spec), data_spec
+    return data_spec, repr(data_spec)
+
+
+def _cache_extra(max_samples: int | None) -> dict:
+    """Content-determining inputs beyond the settings: the crop rule's constants, a sample cap."""
+    extra = {"crop_rule": crops.crop_rule_constants()}
+    if max_samples is not None:
+        extra["max_samples"] = int(max_samples)
+    return extra
+
+
+def cache_path_for(dataset: PoseDataset, split: str, preprocess: PreprocessConfig, cache_dir,
+                   max_samples: int | None = None) -> Path:
+    """Where the cache of (dataset, split, settings) lives, whether or not it exists yet."""
+    identity = dataset.identity()
+    key = cache_key(identity, split, content_settings(preprocess), _cache_extra(max_samples))
+    directory = Path(os.path.expanduser(os.fspath(cache_dir)))
+    return directory / cache_file_name(identity, split, preprocess.input_size, key)
+
+
+def _build_one(dataset, label, split, preprocess, cache_dir, strict, progress, max_samples) -> tuple[Path, bool]:
+    if split not in SPLITS:
+        raise DatasetError(f"unknown split {split!r}; expected one of {list(SPLITS)}")
+    final_path = cache_path_for(dataset, split, preprocess, cache_dir, max_samples)
+    if final_path.is_file():
+        return final_path, True
+    indices = _select_indices(dataset, split, max_samples)
+    if len(indices) == 0:
+        raise DatasetError(f"{label} split '{split}' is empty: nothing to cache")
+    _check_samples(dataset, indices)
+    final_path.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive_lock(final_path.with_name(final_path.name + ".lock")):
+        if final_path.is_file():  # built by another process while we waited
+            return final_path, True
+        for stale in stale_temp_files(final_path):  # we hold the lock: these are from crashed builds
+            stale.unlink(missing_ok=True)
+        _write_cache(dataset, label, split, indices, preprocess, final_path, strict, progress,
+                     _cache_extra(max_samples))
+        return final_path, False
+
+
+def build_caches_with_status(data_spec, splits=SPLITS, preprocess: PreprocessConfig | None = None,
+                             cache_dir=None, strict: bool = False, progress: bool = True,
+                             max_samples: int | None = None) -> dict[str, tuple[Path, bool]]:
+    """{split: (path, hit)}: like `build_caches`, also saying whether each file already existed."""
+    if cache_dir is None:
+        raise ValueError("cache_dir is required")
+    preprocess = preprocess or PreprocessConfig()
+    dataset, label = _resolve_dataset(data_spec)
+    return {split: _build_one(dataset, label, split, preprocess, cache_dir, strict, progress, max_samples)
+            for split in splits}
+
+
+def build_cache(data_spec, split: str, preprocess: PreprocessConfig, cache_dir, strict: bool = False,
+                progress: bool = True, max_samples: int | None = None) -> Path:
+    """Path of the HDF5 cache of `split` ('train', 'val' or 'test') of `data_spec` (a spec string
+    such as 'lspet:/data/lspet', or a dataset object), built if it does not exist yet.
+
+    `strict` turns the first skipped sample into a DatasetError; `max_samples` keeps the first N
+    samples of the split (a different cache). Raises DatasetError for bad input, before writing.
+    """
+    return build_caches_with_status(data_spec, [split], preprocess, cache_dir, strict, progress,
+                                    max_samples)[split][0]
+
+
+def build_caches(data_spec, splits=SPLITS, preprocess: PreprocessConfig | None = None, cache_dir=None,
+                 strict: bool = False, progress: bool = True, max_samples: int | None = None) -> dict[str, Path]:
+    """{split: path} for several splits of one dataset (the spec is read once)."""
+    statuses = build_caches_with_status(data_spec, splits, preprocess, cache_dir, strict, progress, max_samples)
+    return {split: path for split, (path, _) in statuses.items()}

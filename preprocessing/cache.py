@@ -1,0 +1,235 @@
+"""The HDF5 cache format: file naming, the writer, and the lazy reader `PoseCache`.
+
+One file per (dataset identity, split, content settings, format version). Datasets, N samples,
+P parts, S = input_size, M = S / 8:
+
+    images           uint8    (N, S, S, 3)    RGB crops
+    belief_maps      float16  (N, P+1, M, M)  ideal belief maps (background last)
+    joints           float32  (N, P, 3)       crop pixels; flag 1 = annotated AND inside the crop
+    joints_original  float32  (N, P, 3)       the annotation as read (original pixels, flag)
+    affine           float64  (N, 2, 3)       CROP -> ORIGINAL (inverse of the crop affine)
+    torso            float32  (N,)            PCK normaliser on the original joints, NaN if none
+    head_size        float32  (N,)            PCKh normaliser, NaN where unknown
+    source_index     int64    (N,)            index of the sample in its dataset
+    image_size       int32    (N, 2)          original (H, W)
+
+Attributes: format_version, num_samples, num_without_torso, joint_set, joint_names (JSON),
+flip_pairs (JSON), settings (JSON), crop_rule (JSON), source (JSON dataset identity),
+data_spec, split, skipped (JSON reason -> count), skipped_examples (JSON reason -> first names).
+
+Layout (bench/RESULTS.md has the measurements): one sample per chunk, so that a random training
+batch reads exactly its samples; images uncompressed (lzf/gzip save little on photographs and
+cost decode time), belief maps lzf-compressed (mostly zeros: several times smaller, cheap to decode).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+FORMAT_VERSION = 1
+TMP_MARKER = ".tmp-"  # temp files: ".<name>.tmp-<pid>-<random>", never ending in ".h5"
+
+# name -> (dtype, per-sample shape as a function of (num_parts, input_size), compression)
+LAYOUT = {
+    "images": (np.uint8, lambda p, s: (s, s, 3), None),
+    "belief_maps": (np.float16, lambda p, s: (p + 1, s // 8, s // 8), "lzf"),
+    "joints": (np.float32, lambda p, s: (p, 3), None),
+    "joints_original": (np.float32, lambda p, s: (p, 3), None),
+    "affine": (np.float64, lambda p, s: (2, 3), None),
+    "torso": (np.float32, lambda p, s: (), None),
+    "head_size": (np.float32, lambda p, s: (), None),
+    "source_index": (np.int64, lambda p, s: (), None),
+    "image_size": (np.int32, lambda p, s: (2,), None),
+}
+# Small per-sample arrays: many samples per chunk (a random read of them is cheap either way).
+SMALL_CHUNK = 4096
+LARGE_DATASETS = ("images", "belief_maps")
+
+
+# --- naming --------------------------------------------------------------------------------------
+
+
+def cache_key(identity: dict, split: str, settings: dict, extra: dict | None = None) -> str:
+    """12 hex digits of sha256 over everything that determines the file's content."""
+    payload = {"identity": identity, "split": split, "settings": settings, "extra": extra or {},
+               "format_version": FORMAT_VERSION}
+    text = json.dumps(payload, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
+
+
+def dataset_type(identity: dict) -> str:
+    """A short file-name-safe name for the dataset ('lspet', 'lsp+lspet', 'synthetic', ...)."""
+    members = identity.get("members")
+    if isinstance(members, list) and members:
+        kind = "+".join(dataset_type(m) if isinstance(m, dict) else "data" for m in members)
+    else:
+        kind = identity.get("type") or "data"
+    return re.sub(r"[^A-Za-z0-9_+.-]", "_", str(kind))
+
+
+def cache_file_name(identity: dict, split: str, input_size: int, key: str) -> str:
+    return f"{dataset_type(identity)}-{split}-{input_size}px-{key}.h5"
+
+
+def temp_path_for(final_path: Path) -> Path:
+    """A unique temp name in the same directory (same filesystem, so os.replace is atomic)."""
+    return final_path.with_name(f".{final_path.name}{TMP_MARKER}{os.getpid()}-{os.urandom(4).hex()}")
+
+
+def stale_temp_files(final_path: Path) -> list[Path]:
+    return sorted(final_path.parent.glob(f".{final_path.name}{TMP_MARKER}*"))
+
+
+# --- writing -------------------------------------------------------------------------------------
+
+
+def _to_attr(value) -> str | int | float:
+    return value if isinstance(value, (str, int, float, np.integer, np.floating)) else json.dumps(value)
+
+
+class CacheWriter:
+    """Appends blocks of samples to a new HDF5 file; `finish` writes the attributes and closes."""
+
+    def __init__(self, path: Path, num_parts: int, input_size: int, expected_samples: int):
+        self.path = Path(path)
+        self.num_samples = 0
+        self._file = h5py.File(self.path, "w", libver="latest")
+        for name, (dtype, shape_of, compression) in LAYOUT.items():
+            shape = shape_of(num_parts, input_size)
+            rows = 1 if name in LARGE_DATASETS else max(1, min(SMALL_CHUNK, expected_samples))
+            self._file.create_dataset(name, shape=(0, *shape), maxshape=(None, *shape), dtype=dtype,
+                                      chunks=(rows, *shape), compression=compression)
+
+    def append(self, block: dict[str, np.ndarray]) -> None:
+        count = len(block["images"])
+        if count == 0:
+            return
+        start, stop = self.num_samples, self.num_samples + count
+        for name in LAYOUT:
+            dataset = self._file[name]
+            dataset.resize(stop, axis=0)
+            dataset[start:stop] = block[name]
+        self.num_samples = stop
+
+    def finish(self, attrs: dict) -> None:
+        for key, value in attrs.items():
+            self._file.attrs[key] = _to_attr(value)
+        self._file.attrs["num_samples"] = self.num_samples
+        self._file.attrs["format_version"] = FORMAT_VERSION
+        self._file.close()
+
+    def close(self) -> None:
+        if self._file.id.valid:
+            self._file.close()
+
+
+# --- reading -------------------------------------------------------------------------------------
+
+
+class PoseCache:
+    """Lazy reader of one cache file. Picklable: the h5py handle is opened on first use in each
+    process (and reopened after a fork), never pickled."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"pose cache {self.path} does not exist")
+        self._file: h5py.File | None = None
+        self._pid: int | None = None
+
+    # h5py handles must not cross process boundaries.
+    def __getstate__(self) -> dict:
+        return {"path": self.path}
+
+    def __setstate__(self, state: dict) -> None:
+        self.path = state["path"]
+        self._file = None
+        self._pid = None
+
+    @property
+    def file(self) -> h5py.File:
+        if self._file is None or self._pid != os.getpid():
+            # locking=False: read-only use, and file locks fail on some shared filesystems.
+            self._file = h5py.File(self.path, "r", locking=False)
+            self._pid = os.getpid()
+        return self._file
+
+    def close(self) -> None:
+        if self._file is not None and self._pid == os.getpid():
+            self._file.close()
+        self._file = None
+
+    def __enter__(self) -> "PoseCache":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __len__(self) -> int:
+        return int(self.file["images"].shape[0])
+
+    @property
+    def attrs(self) -> dict:
+        """All attributes, JSON ones decoded."""
+        out = {}
+        for key, value in self.file.attrs.items():
+            if isinstance(value, bytes):
+                value = value.decode()
+            if isinstance(value, str):
+                try:
+                    value = json.loads(value)
+                except json.JSONDecodeError:
+                    pass
+            elif isinstance(value, np.generic):
+                value = value.item()
+            out[key] = value
+        return out
+
+    @property
+    def joint_names(self) -> list[str]:
+        return json.loads(self.file.attrs["joint_names"])
+
+    @property
+    def flip_pairs(self) -> list[tuple[int, int]]:
+        return [tuple(pair) for pair in json.loads(self.file.attrs["flip_pairs"])]
+
+    @property
+    def settings(self) -> dict:
+        return json.loads(self.file.attrs["settings"])
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return tuple(LAYOUT)
+
+    def read(self, indices, keys=None) -> dict[str, np.ndarray]:
+        """Arrays for `indices` (any order, repeats allowed), in that order; `keys` picks datasets."""
+        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        length = len(self)
+        if indices.size and (indices.min() < -length or indices.max() >= length):
+            raise IndexError(f"indices out of range for a cache of {length} samples")
+        indices = np.where(indices < 0, indices + length, indices)
+        unique, inverse = np.unique(indices, return_inverse=True)  # h5py wants increasing, distinct
+        out = {}
+        for name in keys or LAYOUT:
+            dataset = self.file[name]
+            block = np.empty((len(unique), *dataset.shape[1:]), dtype=dataset.dtype)
+            # One read per sample: with one sample per chunk this beats h5py's fancy selection.
+            for row, index in enumerate(unique):
+                dataset.read_direct(block, np.s_[index], np.s_[row])
+            out[name] = block if len(unique) == len(indices) and (inverse == np.arange(len(indices))).all() \
+                else block[inverse]
+        return out
+
+    def load_all(self, keys=None) -> dict[str, np.ndarray]:
+        """Every sample in memory: for small caches only."""
+        return {name: self.file[name][()] for name in keys or LAYOUT}
+
+    def __repr__(self) -> str:
+        return f"PoseCache({str(self.path)!r})"
