@@ -1,8 +1,8 @@
 """Deterministic train/val/test splits from a hash of each sample's name.
 
-The rule: bucket = int(sha1(name as UTF-8).hexdigest(), 16) mod 100, where `name` is the image's
-file name (e.g. "im00042.jpg") or, for generated data, the sample id. Buckets 0-79 are 'train',
-80-89 'val' and 90-99 'test' (about 80/10/10). The split of a sample depends on its name alone, so
+The rule: bucket = (first 8 bytes of sha1(name as UTF-8), read as a big-endian unsigned integer)
+mod 100, where `name` is the image's file name (e.g. "im00042.jpg") or, for generated data, the
+sample id. Buckets 0-79 are 'train', 80-89 'val' and 90-99 'test' (about 80/10/10). The split of a sample depends on its name alone, so
 it never changes when images are appended, removed or reordered, and every person in one image
 lands in the same split (no image is seen in training and in evaluation).
 
@@ -33,9 +33,9 @@ def check_split(split: str) -> str:
 
 
 def hash_bucket(name: str) -> int:
-    """The sample's bucket in [0, 100): sha1 of the UTF-8 name, as an integer, mod 100."""
-    digest = hashlib.sha1(name.encode("utf-8")).hexdigest()
-    return int(digest, 16) % NUM_BUCKETS
+    """The sample's bucket in [0, 100): first 8 bytes of sha1(UTF-8 name), big-endian, mod 100."""
+    digest = hashlib.sha1(name.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") % NUM_BUCKETS
 
 
 def split_of_name(name: str) -> str:
