@@ -20,7 +20,7 @@ from preprocessing.datasets.lsp import lsp_split_indices
 from preprocessing.datasets.mpii import HEAD_SIZE_FACTOR
 
 
-# --- helpers: small dataset directories built from the real LSPET files ---------------------------
+# --- small dataset directories built from the real LSPET files ---------------------------
 
 
 def lspet_source_joints(lspet_dir: Path) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""LSP Extended (LSPET) reader, and the file helpers shared by the LSP and MPII readers.
+"""LSP Extended (LSPET) reader, and the file utilities shared by the LSP and MPII readers.
 
 Layout: ROOT/images/im%05d.jpg (im00001.jpg ...) and ROOT/joints.mat holding `joints`, shape
 (14, 3, N): x, y, flag per joint, flag 1 = annotated, 0 = not (its x, y then lie outside the
@@ -33,7 +33,7 @@ from .splits import hashed_split_indices
 READER_VERSION = 1
 
 
-# --- helpers shared by the readers ---------------------------------------------------------------
+# --- utilities shared by the readers -------------------------------------------------------------
 
 
 def resolve_dataset_root(root: str | os.PathLike, kind: str) -> Path:
