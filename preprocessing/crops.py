@@ -28,9 +28,9 @@ Measured on all 9,000 LSPET images (each has at least four annotated joints):
 All image-size measures predict the person's size equally badly (std of log r about 0.41, i.e.
 persons are +-50% of the median size); max(H, W) is kept because it is simple and a crop of
 side >= max(H, W) holds the whole image. The train split (the deterministic split of the LSPET
-reader, 7,196 images) gives 0.392 too (mean 0.415, std of log r 0.41).
-The embedded synthetic figures are larger in their images: r = 0.660 on the train split of the
-default set (1,562 images, std of log r 0.11). LSP (the original 2,000 images, scaled so that the
+reader, 7,139 images) gives 0.393 (mean 0.415, std of log r 0.41).
+The embedded synthetic figures are larger in their images: r = 0.661 on the train split of the
+default set (1,583 of 2,000 images, std of log r 0.11). LSP (the original 2,000 images, scaled so that the
 person is about 150 px long, like LSPET) is not at hand here and takes LSPET's value; any other
 kind without a measured value does too (DEFAULT_PERSON_TO_IMAGE_RATIO).
 
