@@ -1,0 +1,32 @@
+# Two commands do all the set-up on a fresh clone:
+#   make sweep   install, start a local Ray cluster if none is running, submit the default sweep
+#   make test    install, run the test suite
+PYTHON ?= python3
+# The CPU build of PyTorch; on a GPU machine set TORCH_SPEC to the CUDA build you want.
+TORCH_SPEC ?= torch==2.13.0
+STAMP := .cache/installed-$(shell $(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])').stamp
+RAY_DASHBOARD ?= http://127.0.0.1:8265
+SWEEP_ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: install sweep test cluster-up cluster-down
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PYTHON) -m pip install --quiet -e ".[test]"
+	@mkdir -p .cache && touch $@
+
+# Start a single-node Ray head here unless one is reachable (the job then runs in this directory).
+cluster-up: install
+	@ray status >/dev/null 2>&1 || ray start --head --include-dashboard=true --disable-usage-stats
+
+cluster-down:
+	ray stop
+
+sweep: cluster-up
+	RAY_ADDRESS=$(RAY_DASHBOARD) ray job submit -- $(PYTHON) pipeline/sweep.py $(SWEEP_ARGS)
+
+test: install
+	$(PYTHON) -m pytest -q --durations=20 $(PYTEST_ARGS)

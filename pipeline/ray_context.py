@@ -1,0 +1,69 @@
+"""The training loop's `WorkerContext` inside a Ray Train worker.
+
+Reports go through `ray.train.report` (metrics to the trial's driver, the checkpoint directory to
+the run's storage path); resume comes from `ray.train.get_checkpoint()`, which Ray Train fills in
+when a restarted worker group or a restored run picks up where it stopped.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+
+from .context import WorkerContext
+
+
+class RayTrainContext(WorkerContext):
+    def __init__(self, cpus_per_worker: float = 1.0):
+        context = ray.train.get_context()
+        self.rank = context.get_world_rank()
+        self.world_size = context.get_world_size()
+        self.local_rank = context.get_local_rank()
+        self.node_rank = context.get_node_rank()
+        self.device = ray.train.torch.get_device()
+        # Ray sets OMP_NUM_THREADS from the worker's CPUs; make torch agree so workers do not oversubscribe.
+        torch.set_num_threads(max(1, int(round(cpus_per_worker))))
+        self._restored = ray.train.get_checkpoint()
+
+    def all_reduce_sum(self, values: np.ndarray) -> np.ndarray:
+        values = np.asarray(values, dtype=np.float64)
+        if self.world_size == 1:
+            return values.copy()
+        # gloo reduces on the CPU; NCCL needs the tensor on the worker's GPU.
+        device = self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+        tensor = torch.from_numpy(values.copy()).to(device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor.cpu().numpy()
+
+    def wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        if self.world_size == 1:
+            return model
+        return ray.train.torch.prepare_model(model, move_to_device=False)
+
+    def report(self, metrics: dict, checkpoint_dir: str | None = None) -> None:
+        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(_scalars(metrics), checkpoint=checkpoint)
+
+    def restore_checkpoint_dir(self) -> str | None:
+        if self._restored is None:
+            return None
+        # Local or shared storage: read in place; cloud storage: download to a local directory.
+        if os.path.isdir(self._restored.path):
+            return self._restored.path
+        return self._restored.to_directory()
+
+
+def _scalars(metrics: dict) -> dict:
+    """Ray's result rows take plain scalars; lists and arrays are left to the checkpoint."""
+    clean = {}
+    for key, value in metrics.items():
+        if isinstance(value, np.generic):
+            value = value.item()
+        if isinstance(value, (bool, int, float, str)) or value is None:
+            clean[key] = value
+    return clean

@@ -1,0 +1,82 @@
+"""Run a Ray Tune sweep of CPM trainings, one MLflow run per configuration.
+
+    ray job submit -- python pipeline/sweep.py                      # the embedded default preset
+    python pipeline/sweep.py --config configs/ablation_stages.yaml --data lspet:/data/lspet
+    python pipeline/sweep.py --dry-run                              # list the trials and exit
+    python pipeline/sweep.py --resume                               # continue the last sweep
+
+The driver resolves the config, checks the tracking store, builds each cache once, opens the
+sweep's parent MLflow run and starts Tune: each trial fits a TorchTrainer; a Tune callback in
+this process writes every trial's MLflow run. At the end it prints the ablation table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script (`python pipeline/sweep.py`): use this checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cpm_model.config import ConfigError, ExperimentConfig, add_config_arguments, load_config  # noqa: E402
+
+DEFAULT_PRESET = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="pipeline/sweep.py", description=__doc__.split("\n\n")[0])
+    add_config_arguments(parser)
+    parser.add_argument("--data", default=None, help="data spec, e.g. lspet:/data/lspet or synthetic:2000")
+    parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI "
+                        "or a SQLite file under ~/.cache/cpm-pipeline/mlflow)")
+    parser.add_argument("--storage-path", default=None, help="where Ray keeps checkpoints (default sweep.storage_path); "
+                        "on a cluster, storage every node sees")
+    parser.add_argument("--dry-run", action="store_true", help="list the trials with their receptive fields and exit")
+    parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="SWEEP_ID",
+                        help="continue a sweep whose driver stopped (default: the latest one of this preset)")
+    parser.add_argument("--sweep-id", default=None, help="name the sweep (default: preset name + start time)")
+    return parser.parse_args(argv)
+
+
+def resolve_config(args: argparse.Namespace) -> ExperimentConfig:
+    overrides = list(args.overrides)
+    if args.data:
+        overrides.append(f"data.spec={args.data}")
+    if args.tracking_uri:
+        overrides.append(f"tracking.tracking_uri={args.tracking_uri}")
+    if args.storage_path:
+        overrides.append(f"sweep.storage_path={args.storage_path}")
+    return load_config(args.config or DEFAULT_PRESET, overrides)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        config = resolve_config(args)
+        from pipeline.sweep_space import expand_grid, format_trial_table
+        trials = expand_grid(config)
+    except (ConfigError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(config.to_yaml())
+        return 0
+    print(f"Sweep '{config.name}': {len(trials)} trial(s) on {config.data.spec}")
+    print(format_trial_table(trials))
+    if args.dry_run:
+        return 0
+
+    from pipeline.sweep_runner import SweepError, run_sweep
+
+    try:
+        outcome = run_sweep(config, trials, resume=args.resume, sweep_id=args.sweep_id)
+    except SweepError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0 if outcome.completed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

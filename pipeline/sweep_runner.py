@@ -1,0 +1,168 @@
+"""The sweep driver's work: tracking store, caches, parent run, Tune over Train, the final table."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+from mlflow import MlflowClient
+from ray import tune
+
+from cpm_model.config import ExperimentConfig
+
+from . import tracking
+from .mlflow_callback import MLflowTrialLogger
+from .resources import TRIAL_DRIVER_RESOURCES, plan_resources
+from .sweep_space import TrialSpec
+from .trial import run_trial
+
+
+class SweepError(RuntimeError):
+    """The sweep cannot start (tracking store, resume target, cluster, data)."""
+
+
+@dataclass
+class SweepOutcome:
+    sweep_id: str
+    parent_run_id: str
+    completed: bool
+    failed_trials: list[str]
+    table: str
+
+
+def new_sweep_id(config: ExperimentConfig) -> str:
+    return f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def latest_sweep_id(storage_path: Path, name: str) -> str:
+    candidates = sorted((p for p in storage_path.glob(f"{name}-*") if tune.Tuner.can_restore(str(p))),
+                        key=lambda p: p.stat().st_mtime)
+    if not candidates:
+        raise SweepError(f"--resume: no sweep of preset '{name}' to resume under {storage_path}")
+    return candidates[-1].name
+
+
+def tune_domain(key: str, spec: dict):
+    """{'loguniform': [lo, hi]} | {'uniform': [lo, hi]} | {'choice': [...]} -> a Tune domain."""
+    if not isinstance(spec, dict) or len(spec) != 1:
+        raise SweepError(f"sweep.search['{key}'] must be one of {{loguniform|uniform: [lo, hi]}} or {{choice: [...]}}")
+    kind, args = next(iter(spec.items()))
+    if kind in ("loguniform", "uniform") and isinstance(args, list) and len(args) == 2:
+        return getattr(tune, kind)(float(args[0]), float(args[1]))
+    if kind == "choice" and isinstance(args, list) and args:
+        return tune.choice(args)
+    raise SweepError(f"sweep.search['{key}']: unknown distribution {spec!r}; use loguniform, uniform or choice")
+
+
+def build_caches(trials: list[TrialSpec]) -> dict[str, dict[str, str]]:
+    """Each distinct (data, preprocessing) cache built once, in the driver, before any trial."""
+    from preprocessing.build import build_cache
+
+    built: dict[tuple, dict[str, str]] = {}
+    per_trial: dict[str, dict[str, str]] = {}
+    for trial in trials:
+        c = trial.config
+        key = (c.data.spec, repr(c.preprocess), c.data.cache_dir, c.data.max_train_samples, c.data.max_val_samples)
+        if key not in built:
+            caps = {"train": c.data.max_train_samples, "val": c.data.max_val_samples, "test": c.data.max_val_samples}
+            built[key] = {split: str(build_cache(c.data.spec, split, c.preprocess, c.data.cache_dir,
+                                                 max_samples=caps[split]))
+                          for split in ("train", "val", "test")}
+        per_trial[trial.key] = built[key]
+    return per_trial
+
+
+def connect_ray() -> None:
+    if ray.is_initialized():
+        return
+    # Under `ray job submit` RAY_ADDRESS points at the cluster; otherwise join a running local
+    # cluster (`ray start --head`) if there is one, else start one in this process.
+    try:
+        ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), log_to_driver=True)
+    except ConnectionError:
+        ray.init()
+
+
+def run_sweep(config: ExperimentConfig, trials: list[TrialSpec], resume: str | None = None,
+              sweep_id: str | None = None) -> SweepOutcome:
+    uri = tracking.resolve_tracking_uri(config.tracking.tracking_uri)
+    try:
+        tracking.check_reachable(uri)  # before any trial starts
+    except tracking.TrackingError as exc:
+        raise SweepError(str(exc)) from None
+    storage = Path(config.sweep.storage_path).expanduser().resolve()
+    storage.mkdir(parents=True, exist_ok=True)
+    if resume:
+        sweep_id = latest_sweep_id(storage, config.name) if resume == "latest" else resume
+        if not tune.Tuner.can_restore(str(storage / sweep_id)):
+            raise SweepError(f"--resume: no sweep '{sweep_id}' under {storage}")
+    sweep_id = sweep_id or new_sweep_id(config)
+    print(f"Tracking: {uri}\nSweep id: {sweep_id}  (checkpoints under {storage / sweep_id})", flush=True)
+
+    connect_ray()
+    plan = plan_resources(ray.cluster_resources(), config.sweep.workers_per_trial, config.sweep.use_gpu,
+                          config.sweep.max_concurrent_trials, len(trials) * config.sweep.num_samples)
+    print(f"Resources: {plan.describe()}", flush=True)
+    cache_paths = build_caches(trials)
+    cache_node_id = ray.get_runtime_context().get_node_id()
+
+    client = MlflowClient(uri)
+    experiment_name = config.tracking.experiment
+    experiment_id = tracking.get_or_create_experiment(client, experiment_name)
+    provenance = tracking.provenance_tags()
+    parent_run_id, created = tracking.get_or_create_run(
+        client, experiment_id, {tracking.SWEEP_TAG: sweep_id, tracking.KIND_TAG: "sweep"},
+        run_name=f"sweep {sweep_id}", extra_tags=provenance)
+    if created:
+        tracking.log_params(client, parent_run_id, {
+            "preset": config.name, "num_trials": len(trials), "dataset": config.data.spec,
+            "grid": config.sweep.grid, "search": config.sweep.search, "resources": plan.describe(),
+            **config.flat_params()})
+    print(f"MLflow experiment '{experiment_name}', sweep run {parent_run_id}", flush=True)
+
+    logger = MLflowTrialLogger(uri, experiment_id, parent_run_id, sweep_id, config.to_dict(),
+                               {k: {s: Path(p).name for s, p in v.items()} for k, v in cache_paths.items()},
+                               provenance)
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, base_config=config.to_dict(), plan=plan, sweep_id=sweep_id,
+                             storage_path=str(storage), cache_paths=cache_paths, cache_node_id=cache_node_id,
+                             max_failures=config.sweep.max_failures),
+        TRIAL_DRIVER_RESOURCES)
+    experiment_path = str(storage / sweep_id)
+    if resume:
+        tuner = tune.Tuner.restore(experiment_path, trainable, resume_unfinished=True, resume_errored=False)
+    else:
+        param_space = {"trial": tune.grid_search([t.as_dict() for t in trials])}
+        if config.sweep.search:
+            param_space["search"] = {k: tune_domain(k, v) for k, v in config.sweep.search.items()}
+        scheduler = None
+        if config.sweep.scheduler == "asha":
+            from ray.tune.schedulers import ASHAScheduler
+            scheduler = ASHAScheduler(time_attr="epoch", max_t=config.train.epochs, grace_period=1)
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space,
+            tune_config=tune.TuneConfig(metric="pck", mode="max", scheduler=scheduler,
+                                        num_samples=config.sweep.num_samples,
+                                        max_concurrent_trials=plan.max_concurrent_trials,
+                                        trial_name_creator=lambda t: t.config["trial"]["run_name"].replace(" ", "_"),
+                                        trial_dirname_creator=lambda t: f"trial_{t.trial_id}"),
+            run_config=tune.RunConfig(name=sweep_id, storage_path=str(storage), callbacks=[logger],
+                                      failure_config=tune.FailureConfig(max_failures=0)),
+        )
+    results = tuner.fit()
+
+    failed = [str(r.error).splitlines()[0][:200] if r.error else "" for r in results if r.error]
+    from .ablation import ablation_markdown, collect_trial_runs
+
+    runs = collect_trial_runs(client, experiment_id, parent_run_id)
+    table = ablation_markdown(runs)
+    print("\n" + table, flush=True)
+    tracking.set_tags(client, parent_run_id, {"cpm.failed_trials": str(len(failed))})
+    client.log_text(parent_run_id, table, "ablation_table.md")
+    client.set_terminated(parent_run_id, status="FINISHED")
+    return SweepOutcome(sweep_id, parent_run_id, completed=not failed or len(failed) < len(results),
+                        failed_trials=failed, table=table)

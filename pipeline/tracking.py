@@ -1,0 +1,147 @@
+"""MLflow tracking: where runs go, and finding or creating the sweep's and each trial's run.
+
+One process writes each run (the sweep driver, through `pipeline.mlflow_callback`): SQLite takes
+one writer well, and a network file system not at all. Runs are found by identity tags before one
+is created, so a resumed sweep or a restarted trial keeps writing to the same run.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+
+SWEEP_TAG = "cpm.sweep_id"  # on the parent run
+TRIAL_TAG = "cpm.trial_key"  # on each trial's run, with the sweep id
+KIND_TAG = "cpm.run_kind"  # "sweep" or "trial"
+DEFAULT_HOME = Path("~/.cache/cpm-pipeline/mlflow")
+
+
+class TrackingError(RuntimeError):
+    """The tracking server cannot be reached or used."""
+
+
+def default_tracking_uri() -> str:
+    """The embedded default: a SQLite file at an absolute path (it survives a job's temporary
+    working directory), with artifacts beside it."""
+    home = DEFAULT_HOME.expanduser().resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{home / 'mlflow.db'}"
+
+
+def resolve_tracking_uri(configured: str | None) -> str:
+    """--tracking-uri / config, else MLFLOW_TRACKING_URI, else the embedded SQLite default.
+
+    A relative sqlite path is made absolute, so it means the same thing in every process."""
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        path = Path(uri[len("sqlite:///"):]).expanduser().resolve()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        uri = f"sqlite:///{path}"
+    return uri
+
+
+def artifact_root_for(uri: str) -> str | None:
+    """Artifacts of a SQLite store go beside the database (an explicit, absolute location)."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).parent / "artifacts").as_uri()
+    return None  # a tracking server decides (its --artifacts-destination)
+
+
+def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    """Fail fast, before any trial starts, when an HTTP tracking server does not answer."""
+    if uri.startswith(("http://", "https://")):
+        url = uri.rstrip("/") + "/health"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout_s) as response:
+                if response.status != 200:
+                    raise TrackingError(f"MLflow tracking server {uri} answered {response.status} on /health")
+        except (urllib.error.URLError, OSError) as exc:
+            raise TrackingError(f"MLflow tracking server {uri} cannot be reached ({exc}); start it with "
+                                f"`mlflow server` or pass another --tracking-uri") from None
+    client = MlflowClient(uri)
+    try:
+        client.search_experiments(max_results=1)
+    except Exception as exc:  # any store error means runs could not be written
+        raise TrackingError(f"MLflow tracking store {uri} cannot be used: {exc}") from None
+
+
+def get_or_create_experiment(client: MlflowClient, name: str) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        if experiment.lifecycle_stage == "deleted":
+            client.restore_experiment(experiment.experiment_id)
+        return experiment.experiment_id
+    artifact_location = artifact_root_for(client.tracking_uri)
+    if artifact_location:
+        artifact_location = f"{artifact_location}/{name}"
+    return client.create_experiment(name, artifact_location=artifact_location)
+
+
+def find_run(client: MlflowClient, experiment_id: str, tags: dict[str, str]):
+    """The run carrying all these tags, or None."""
+    clauses = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    runs = client.search_runs([experiment_id], filter_string=clauses, max_results=2)
+    return runs[0] if runs else None
+
+
+def get_or_create_run(client: MlflowClient, experiment_id: str, identity: dict[str, str], run_name: str,
+                      extra_tags: dict[str, str] | None = None) -> tuple[str, bool]:
+    """(run id, created?) of the run holding these identity tags."""
+    run = find_run(client, experiment_id, identity)
+    if run is not None:
+        if run.info.status != "RUNNING":
+            client.update_run(run.info.run_id, status="RUNNING")
+        return run.info.run_id, False
+    tags = {**identity, **(extra_tags or {})}
+    run = client.create_run(experiment_id, run_name=run_name, tags=tags)
+    return run.info.run_id, True
+
+
+def provenance_tags() -> dict[str, str]:
+    """The git commit of the code and the versions of the packages that shape the results."""
+    tags: dict[str, str] = {}
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        if commit:
+            tags["mlflow.source.git.commit"] = commit
+            tags["cpm.git_dirty"] = str(bool(dirty)).lower()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    tags["cpm.python"] = sys.version.split()[0]
+    for package in ("torch", "ray", "mlflow", "numpy", "h5py", "cpm-pipeline"):
+        try:
+            tags[f"cpm.version.{package}"] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    return tags
+
+
+def log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> None:
+    items = [Param(k, str(v)[:6000]) for k, v in sorted(params.items())]
+    for start in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[start:start + 100])
+
+
+def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float], step: int) -> None:
+    now = int(time.time() * 1000)
+    items = [Metric(k, float(v), now, step) for k, v in sorted(metrics.items())]
+    for start in range(0, len(items), 500):
+        client.log_batch(run_id, metrics=items[start:start + 500])
+
+
+def set_tags(client: MlflowClient, run_id: str, tags: dict[str, str]) -> None:
+    client.log_batch(run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])

@@ -1,0 +1,87 @@
+"""One trial: a Tune function trainable that fits a Ray Train `TorchTrainer` (Train V2 pattern).
+
+The worker loop is the project's plain training loop (`pipeline.training.train_worker`) behind a
+Ray Train `WorkerContext`. Checkpoints go to the run's storage path every epoch; a restarted worker
+group (FailureConfig) or a restored sweep resumes from the last one, because the Train run's name
+and storage path are derived from the trial's identity and stay the same.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import ray.train
+from ray import tune
+from ray.train.torch import TorchTrainer
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from cpm_model.config import from_dict
+
+from .mlflow_callback import ARTIFACT_ROW, trial_overrides
+from .resources import ResourcePlan
+from .sweep_space import make_trial
+
+
+def worker_loop(loop_config: dict) -> None:
+    """Runs in every Ray Train worker."""
+    from . import cache_sync
+    from .ray_context import RayTrainContext
+    from .training import train_worker
+
+    ctx = RayTrainContext(cpus_per_worker=loop_config["cpus_per_worker"])
+    config = from_dict(loop_config["config"])
+    cache_paths = {split: cache_sync.ensure_on_node(path, loop_config["cache_node_id"])
+                   for split, path in loop_config["cache_paths"].items()}
+    result = train_worker(config, ctx, progress=False, cache_paths=cache_paths)
+    if ctx.is_chief:  # the run's storage is shared by every node, so the chief writes there directly
+        _write_artifacts(Path(loop_config["artifacts_dir"]), result, config, cache_paths)
+
+
+def _write_artifacts(directory: Path, result: dict, config, cache_paths: dict[str, str]) -> None:
+    """Best weights, the config and the belief-map picture, for the driver to log to MLflow."""
+    import torch
+
+    directory.mkdir(parents=True, exist_ok=True)
+    from .figures import belief_maps_figure_for_cache
+
+    model = result["model"]
+    torch.save({"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                "config": config.to_dict(), "epoch": result["best_epoch"]}, directory / "best_model.pt")
+    (directory / "config.yaml").write_text(config.to_yaml())
+    try:
+        belief_maps_figure_for_cache(model, cache_paths["val"], directory / "belief_maps_per_stage.png")
+    except Exception as exc:  # a picture must never fail a finished run
+        (directory / "belief_maps_per_stage.txt").write_text(f"figure not drawn: {exc}\n")
+
+
+def run_trial(trial_config: dict, base_config: dict, plan: ResourcePlan, sweep_id: str, storage_path: str,
+              cache_paths: dict[str, dict[str, str]], cache_node_id: str, max_failures: int) -> None:
+    """The Tune trainable. `trial_config` = {"trial": {...grid point...}, "search": {...sampled...}}."""
+    spec = make_trial(from_dict(base_config), trial_overrides(trial_config))
+    resources = {"CPU": plan.cpus_per_worker}
+    if plan.use_gpu:
+        resources["GPU"] = plan.gpus_per_worker
+    run_name = f"{sweep_id}-{spec.key}"
+    artifacts_dir = os.path.join(os.path.expanduser(storage_path), run_name, "artifacts")
+    trainer = TorchTrainer(
+        worker_loop,
+        train_loop_config={"config": spec.config.to_dict(), "cpus_per_worker": plan.cpus_per_worker,
+                           "cache_paths": cache_paths[spec.key], "cache_node_id": cache_node_id,
+                           "artifacts_dir": artifacts_dir},
+        scaling_config=ray.train.ScalingConfig(num_workers=plan.workers_per_trial, use_gpu=plan.use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=run_name,
+            storage_path=storage_path,
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="pck",
+                                                         checkpoint_score_order="max"),
+            callbacks=[TuneReportCallback()],
+        ),
+    )
+    result = trainer.fit()
+    # Tell the driver where the artifacts and the best checkpoint are (it logs them to MLflow).
+    best = max(result.best_checkpoints, key=lambda item: item[1].get("pck", float("-inf")), default=None)
+    tune.report({ARTIFACT_ROW: artifacts_dir,
+                 "best_checkpoint_dir": best[0].path if best else ""})
