@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 REDUCTIONS = ("sum", "mean")
@@ -31,7 +33,10 @@ def belief_map_loss(pred: torch.Tensor, target: torch.Tensor, part_mask: torch.T
         raise ValueError(f"target shape {tuple(target.shape)} does not match pred {tuple(pred.shape)} without T")
     if tuple(part_mask.shape) != (batch, num_maps - 1):
         raise ValueError(f"part_mask must have shape {(batch, num_maps - 1)}, got {tuple(part_mask.shape)}")
-    with torch.autocast(device_type=pred.device.type, enabled=False):
+    device_type = pred.device.type
+    no_autocast = (torch.autocast(device_type=device_type, enabled=False)
+                   if torch.amp.is_autocast_available(device_type) else contextlib.nullcontext())
+    with no_autocast:
         pred32, target32 = pred.float(), target.float()
         background = torch.ones(batch, 1, device=pred.device)
         map_weight = torch.cat([(part_mask.to(pred.device) != 0).float(), background], dim=1)  # (B, P+1)

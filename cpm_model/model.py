@@ -10,10 +10,10 @@ paper backbone (Fig. 2), k = stage1_kernel (9), k' = max(1, k - 4) (5), channels
   Pools are max 3x3 stride 2 padding 1: exactly input / 2 for even input (Caffe's ceil mode gives
   the same size). Their window centres make the field of belief cell i centred on input pixel 8i,
   3.5 px off the cell centre 8i + 3.5 that the targets use; the convolutions learn that shift.
-vgg backbone (the released MPII/LSP models' front end):
-  features: VGG-19 conv1_1 .. conv4_4 (three 2x2 max-pools, stride 8), conv3-256, conv3-128
-            (computed once, read by every stage)
-  stage 1:  conv1-512, conv1-(P+1)
+vgg backbone (the released MPII/LSP models, pose_deploy_centerMap):
+  features: VGG-19 conv1_1 .. conv4_2 (three 2x2 max-pools, stride 8), then conv4_3_CPM ..
+            conv4_6_CPM 3x3-256 and conv4_7_CPM 3x3-128 (computed once, read by every stage)
+  stage 1:  conv5_1_CPM 1x1-512, conv5_2_CPM 1x1-(P+1)
   stage t:  [features, b_{t-1}, centre map] -> later_convs x conv(later_kernel)-128, conv1-128, conv1-(P+1)
   with later_kernel / later_convs defaulting to 7 / 5 (paper backbone: 11 / 3). The VGG layers
   are named so that torchvision's vgg19 `features.N` weights load (`load_vgg_weights`).
@@ -40,9 +40,9 @@ from torch import nn
 from .receptive_field import BACKBONES, Layer, LayerSpec, later_layout, narrow_trunk_kernel
 
 STRIDE = 8
-# torchvision vgg19 `features` indices of conv1_1 .. conv4_4 and the channels they output.
-VGG19_CONV_INDICES = (0, 2, 5, 7, 10, 12, 14, 16, 19, 21, 23, 25)
-VGG19_CONV_CHANNELS = (64, 64, 128, 128, 256, 256, 256, 256, 512, 512, 512, 512)
+# torchvision vgg19 `features` indices of conv1_1 .. conv4_2 and the channels they output.
+VGG19_CONV_INDICES = (0, 2, 5, 7, 10, 12, 14, 16, 19, 21)
+VGG19_CONV_CHANNELS = (64, 64, 128, 128, 256, 256, 256, 256, 512, 512)
 VGG19_POOL_AFTER = (2, 7, 16)  # conv indices followed by a 2x2 max-pool (features.4, .9, .18)
 
 
@@ -149,14 +149,15 @@ class CPM(nn.Module):
             layers: list[nn.Module] = []
             self.vgg_layer_names: dict[int, str] = {}  # torchvision features index -> our module name
             in_ch = 3
-            for i, (index, out) in enumerate(zip(VGG19_CONV_INDICES, VGG19_CONV_CHANNELS)):
+            for index, out in zip(VGG19_CONV_INDICES, VGG19_CONV_CHANNELS):
                 self.vgg_layer_names[index] = f"features.{len(layers)}"
                 layers += _conv(in_ch, c(out), 3, batch_norm=False)
                 in_ch = c(out)
                 if index in VGG19_POOL_AFTER:
                     layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
-            layers += _conv(in_ch, c(256), 3, batch_norm)  # conv4_3_CPM
-            layers += _conv(c(256), c(128), 3, batch_norm)  # conv4_4_CPM
+            for out in (256, 256, 256, 256, 128):  # conv4_3_CPM .. conv4_7_CPM
+                layers += _conv(in_ch, c(out), 3, batch_norm)
+                in_ch = c(out)
             self.features = nn.Sequential(*layers)
             self.stage1 = nn.Sequential(*_conv(c(128), c(512), 1, batch_norm),
                                         *_conv(c(512), num_maps, 1, batch_norm, relu=False))
@@ -254,7 +255,7 @@ class CPM(nn.Module):
 
 
 def load_vgg_weights(model: CPM, state_dict: dict[str, torch.Tensor]) -> list[str]:
-    """Copy torchvision vgg19 conv1_1 .. conv4_4 weights (`features.N.weight/bias`) into a vgg CPM.
+    """Copy torchvision vgg19 conv1_1 .. conv4_2 weights (`features.N.weight/bias`) into a vgg CPM.
 
     Accepts a torchvision-style state dict (a leading "module." is ignored, other keys such as the
     classifier's are skipped). Returns the keys loaded. Raises naming every missing key and every

@@ -78,14 +78,14 @@ def later_layout(backbone: str, later_kernel: int | None = None, later_convs: in
     return kernel, convs
 
 
-# VGG-19 conv1_1 .. conv4_4: 3x3 convolutions and three 2x2 stride-2 max-pools.
+# VGG-19 conv1_1 .. conv4_2: 3x3 convolutions and three 2x2 stride-2 max-pools.
 VGG_FRONT_LAYERS: tuple[Layer, ...] = (
     (3, 1), (3, 1), (2, 2),
     (3, 1), (3, 1), (2, 2),
     (3, 1), (3, 1), (3, 1), (3, 1), (2, 2),
-    (3, 1), (3, 1), (3, 1), (3, 1),
+    (3, 1), (3, 1),
 )
-VGG_CPM_LAYERS: tuple[Layer, ...] = ((3, 1), (3, 1))  # conv4_3_CPM 3x3-256, conv4_4_CPM 3x3-128
+VGG_CPM_LAYERS: tuple[Layer, ...] = ((3, 1),) * 5  # conv4_3_CPM .. conv4_7_CPM
 
 
 def cpm_layer_spec(backbone: str = "paper", stage1_kernel: int = 9, later_kernel: int | None = None,

@@ -187,6 +187,11 @@ def test_from_config():
 
 def test_vgg_layout_and_shape():
     model = CPM(backbone="vgg", stages=3, width=NARROW, input_size=64)
+    # the released models: VGG-19 conv1_1..conv4_2, conv4_3_CPM..conv4_7_CPM, conv5_1/5_2_CPM
+    pool = (2, 2)
+    assert model.layer_spec().stage1 == ((3, 1),) * 2 + (pool,) + ((3, 1),) * 2 + (pool,) + ((3, 1),) * 4 + (
+        pool,) + ((3, 1),) * 7 + ((1, 1), (1, 1))
+    assert _conv_out_channels(model.features)[-5:] == [16, 16, 16, 16, 8]
     assert (model.later_kernel, model.later_convs) == (7, 5)  # the released models' later stages
     assert model.layer_spec().later == ((7, 1),) * 5 + ((1, 1), (1, 1))
     assert model(torch.rand(2, 3, 64, 64)).shape == (2, 3, 15, 8, 8)
@@ -216,13 +221,15 @@ def test_vgg_names_match_torchvision_shapes():
         assert own[f"{name}.weight"].shape == fake[f"features.{index}.weight"].shape
 
 
-def test_load_vgg_weights_copies_conv1_1_to_conv4_4():
+def test_load_vgg_weights_copies_conv1_1_to_conv4_2():
     model = CPM(backbone="vgg", stages=2, width=NARROW, input_size=64)
     fake = {f"module.{k}": v for k, v in _fake_vgg19_state_dict(NARROW).items()}  # DataParallel prefix
     loaded = load_vgg_weights(model, fake)
     assert loaded == [f"features.{i}.{s}" for i in VGG19_CONV_INDICES for s in ("weight", "bias")]
-    conv4_4 = model.get_submodule(model.vgg_layer_names[25])
-    assert torch.all(conv4_4.weight == 0.25) and torch.all(conv4_4.bias == -0.25)
+    conv4_2 = model.get_submodule(model.vgg_layer_names[21])
+    assert torch.all(conv4_2.weight == 0.21) and torch.all(conv4_2.bias == -0.21)
+    conv4_3_cpm = model.features[len(model.features) - 10]  # not from VGG: left as initialised
+    assert conv4_3_cpm.out_channels == 16 and not torch.all(conv4_3_cpm.weight == 0.23)
     assert torch.all(model.features[0].weight == 0.0)  # features.0 -> 0.01 * 0
 
 

@@ -23,8 +23,9 @@ def test_paper_layout_167_407_then_plus_240():
 
 
 def test_vgg_layout():
-    # VGG-19 conv1_1..conv4_4 + two 3x3: 148 px; five 7x7 at stride 8 add 5 * 6 * 8 = 240
-    assert receptive_field_px(backbone="vgg", stages=3) == [148, 388, 628]
+    # VGG-19 conv1_1..conv4_2: 84 px; five 3x3 CPM convs at stride 8: +80 -> 164;
+    # five 7x7 per later stage at stride 8 add 5 * 6 * 8 = 240
+    assert receptive_field_px(backbone="vgg", stages=3) == [164, 404, 644]
 
 
 def test_config_dict_kwargs_and_model_agree():
