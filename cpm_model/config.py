@@ -93,6 +93,9 @@ class TrainConfig:
 class SweepConfig:
     # Grid over dotted config keys, e.g. {"model.stages": [1, 2, 3], "train.seed": [0, 1]}.
     grid: dict[str, list] = field(default_factory=dict)
+    # Named combinations that are not a product (e.g. training schemes): each variant is a dict of
+    # dotted overrides, crossed with the grid. Empty = just the grid.
+    variants: list = field(default_factory=list)
     # Random search over dotted keys: {"train.lr": {"loguniform": [1e-4, 1e-2]}}.
     search: dict[str, dict] = field(default_factory=dict)
     num_samples: int = 1
@@ -195,6 +198,9 @@ def _check_type(path: str, value: Any, hint: Any) -> Any:
     elif base.startswith("dict"):
         if not isinstance(value, dict):
             raise ConfigError(f"config key '{path}' must be a mapping, got {value!r}")
+    elif base.startswith("list"):
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{path}' must be a list, got {value!r}")
     return value
 
 
@@ -258,6 +264,11 @@ def validate(config: ExperimentConfig) -> None:
             raise ConfigError(f"config key '{key}' must be {expected}, got {getattr(getattr(config, section), name)!r}")
     for dotted in list(config.sweep.grid) + list(config.sweep.search):
         _check_dotted_key(dotted, where="sweep grid/search")
+    for i, variant in enumerate(config.sweep.variants):
+        if not isinstance(variant, dict) or not variant:
+            raise ConfigError(f"sweep.variants[{i}] must be a non-empty mapping of dotted keys, got {variant!r}")
+        for dotted in variant:
+            _check_dotted_key(dotted, where=f"sweep.variants[{i}]")
     for dotted, values in config.sweep.grid.items():
         if not isinstance(values, list) or not values:
             raise ConfigError(f"sweep.grid['{dotted}'] must be a non-empty list, got {values!r}")

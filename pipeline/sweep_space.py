@@ -96,11 +96,13 @@ def make_trial(base: ExperimentConfig, overrides: dict[str, Any]) -> TrialSpec:
 
 
 def expand_grid(base: ExperimentConfig) -> list[TrialSpec]:
-    """One trial per point of the sweep grid (a single trial when the grid is empty)."""
+    """One trial per (variant, grid point): the grid's cartesian product crossed with the list of
+    variants (a single trial when both are empty)."""
     grid = base.sweep.grid
     keys = list(grid)
-    points = itertools.product(*(grid[k] for k in keys)) if keys else [()]
-    trials = [make_trial(base, dict(zip(keys, values))) for values in points]
+    points = list(itertools.product(*(grid[k] for k in keys))) if keys else [()]
+    variants = base.sweep.variants or [{}]
+    trials = [make_trial(base, {**variant, **dict(zip(keys, values))}) for variant in variants for values in points]
     seen: dict[str, TrialSpec] = {}
     for trial in trials:
         seen.setdefault(trial.key, trial)

@@ -72,3 +72,17 @@ def test_resource_plan_gpus():
 def test_resource_plan_rejects_too_few_cpus():
     with pytest.raises(ValueError, match="sweep.workers_per_trial=4"):
         plan_resources({"CPU": 2.0}, workers_per_trial=4, use_gpu=None, max_concurrent_trials=None, num_trials=1)
+
+
+def test_variants_cross_the_grid():
+    config = paper_config(**{"train.seed": [0, 1]}).with_overrides({"sweep.variants": [
+        {"train.training_scheme": "joint"},
+        {"train.training_scheme": "joint", "train.intermediate_supervision": False},
+        {"train.training_scheme": "stagewise"},
+    ]})
+    trials = expand_grid(config)
+    assert len(trials) == 6
+    schemes = sorted((t.config.train.training_scheme, t.config.train.intermediate_supervision) for t in trials)
+    assert schemes.count(("joint", False)) == 2 and schemes.count(("stagewise", True)) == 2
+    with pytest.raises(ConfigError, match=r"sweep.variants\[0\]"):
+        load_config(None, ["sweep.variants=[{model.nope: 1}]"])
