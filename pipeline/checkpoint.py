@@ -77,13 +77,22 @@ def build_checkpoint(model: torch.nn.Module, config: ExperimentConfig, epoch: in
         "config": config.to_dict(),
         "epoch": int(epoch),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
-        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "scheduler": _plain_scheduler_state(scheduler) if scheduler is not None else None,
         "rng": capture_rng_state(),
         "metrics": [_plain_metrics(m) for m in (metrics or [])],
         "best_epoch": None if best_epoch is None else int(best_epoch),
         "joint_names": list(joint_names) if joint_names is not None else None,
         "flip_pairs": [list(map(int, p)) for p in flip_pairs] if flip_pairs is not None else None,
     }
+
+
+def _plain_scheduler_state(scheduler) -> dict:
+    """The scheduler state without its lr functions (LambdaLR stores a callable object's __dict__,
+    which weights_only loading refuses); the functions are rebuilt from the config on resume."""
+    state = dict(scheduler.state_dict())
+    if "lr_lambdas" in state:
+        state["lr_lambdas"] = [None] * len(state["lr_lambdas"])
+    return state
 
 
 def _plain_metrics(metrics: dict) -> dict:
@@ -115,8 +124,8 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError, OSError) as exc:
-        raise CheckpointError(f"checkpoint {path} is corrupt or not a PyTorch checkpoint "
-                              f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a plain-data PyTorch checkpoint "
+                              f"({type(exc).__name__})") from None
     if not isinstance(data, dict) or "model" not in data or "config" not in data:
         raise CheckpointError(f"checkpoint {path} is not a cpm-pipeline checkpoint "
                               f"(expected a dict with 'model' and 'config')")
