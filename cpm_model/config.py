@@ -50,8 +50,10 @@ class ModelConfig:
     stages: int = 6
     width: float = 1.0  # multiplier on the paper's channel counts (128 / 32 / 512)
     stage1_kernel: int = 9  # kernel of stage 1's large convolutions and of the shared trunk
-    later_kernel: int = 11  # kernel of the large convolutions in stages >= 2 (receptive-field knob)
-    later_convs: int = 3  # number of those convolutions per stage >= 2
+    # Kernel and number of the large convolutions in stages >= 2 (the receptive-field knob);
+    # None = the backbone's own layout (paper: three 11x11, vgg: five 7x7).
+    later_kernel: int | None = None
+    later_convs: int | None = None
     batch_norm: bool = False
     center_sigma: float = 21.0  # centre-map Gaussian, in input pixels
 
@@ -241,8 +243,9 @@ def validate(config: ExperimentConfig) -> None:
         ("model.stages", m.stages >= 1, "an integer >= 1"),
         ("model.width", m.width > 0, "a positive number"),
         ("model.stage1_kernel", m.stage1_kernel >= 1 and m.stage1_kernel % 2 == 1, "an odd integer >= 1"),
-        ("model.later_kernel", m.later_kernel >= 1 and m.later_kernel % 2 == 1, "an odd integer >= 1"),
-        ("model.later_convs", m.later_convs >= 1, "an integer >= 1"),
+        ("model.later_kernel", m.later_kernel is None or (m.later_kernel >= 1 and m.later_kernel % 2 == 1),
+         "an odd integer >= 1 (or null for the backbone's default)"),
+        ("model.later_convs", m.later_convs is None or m.later_convs >= 1, "an integer >= 1 (or null)"),
         ("model.center_sigma", m.center_sigma > 0, "a positive number of pixels"),
         ("preprocess.input_size", p.input_size >= 32 and p.input_size % 8 == 0, "a multiple of 8, at least 32"),
         ("preprocess.sigma", p.sigma > 0, "a positive number of heatmap cells"),

@@ -18,6 +18,8 @@ from mlflow.entities import DatasetInput, InputTag
 from ray import tune
 
 from . import tracking
+from cpm_model.receptive_field import later_layout
+
 from .sweep_space import make_trial
 
 EPOCH_ROW = "train_loss"  # rows with it are per-epoch metrics; others are summaries
@@ -37,14 +39,15 @@ def trial_overrides(trial_config: dict) -> dict[str, Any]:
 def trial_params(spec, cache_hashes: dict[str, str]) -> dict[str, Any]:
     """Flat params, the same names in every run: the paper's ablation axes first, then the config."""
     c = spec.config
+    later_kernel, later_convs = later_layout(c.model.backbone, c.model.later_kernel, c.model.later_convs)
     params = {
         "stages": c.model.stages,
         "receptive_field_px": spec.receptive_field_px,
         "receptive_field_rel_person": spec.relative_receptive_field,
         "intermediate_supervision": c.train.intermediate_supervision,
         "training_scheme": c.train.training_scheme,
-        "kernel_size": c.model.later_kernel,
-        "later_convs": c.model.later_convs,
+        "kernel_size": later_kernel,
+        "later_convs": later_convs,
         "width": c.model.width,
         "input_size": c.preprocess.input_size,
         "backbone": c.model.backbone,

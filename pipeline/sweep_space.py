@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cpm_model.config import ExperimentConfig
-from cpm_model.receptive_field import receptive_field_px
+from cpm_model.receptive_field import later_layout, receptive_field_px
 
 # Short labels for run names, in the order they appear (the paper's ablation axes first).
 _RUN_NAME_LABELS = {
@@ -115,6 +115,7 @@ def format_trial_table(trials: list[TrialSpec]) -> str:
     lines = [header, "-" * len(header)]
     for i, t in enumerate(trials):
         m = t.config.model
-        lines.append(f"{i:>3}  {t.run_name:<44} {m.stages:>6} {m.later_kernel:>6} {t.receptive_field_px:>6} "
+        kernel, _ = later_layout(m.backbone, m.later_kernel, m.later_convs)
+        lines.append(f"{i:>3}  {t.run_name:<44} {m.stages:>6} {kernel:>6} {t.receptive_field_px:>6} "
                      f"{t.relative_receptive_field:>9.2f}  {json.dumps(t.overrides, sort_keys=True)}")
     return "\n".join(lines)
