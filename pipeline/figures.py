@@ -196,3 +196,29 @@ def pick_confusion_example(predictions: np.ndarray, joints: np.ndarray, joint_na
         if score > best_score:
             best, best_score = n, score
     return best
+
+
+def belief_maps_figure_for_cache(model, cache_path, path: str | Path, search: int = 64,
+                                 precision: str = "fp32") -> Path:
+    """Belief maps per stage of one crop of a cache (a stage-1 left/right confusion fixed later,
+    when one occurs among the first `search` crops), drawn with `belief_maps_figure`."""
+    import torch
+
+    from cpm_model.heatmaps import decode_belief_maps
+    from pipeline.evaluate import predict_belief_maps
+    from preprocessing.cache import PoseCache
+
+    cache = cache_path if hasattr(cache_path, "read") else PoseCache(cache_path)
+    rows = np.arange(min(search, len(cache)))
+    data = cache.read(rows, keys=["images", "joints"])
+    device = next(model.parameters()).device
+    images = torch.from_numpy(data["images"]).to(device).permute(0, 3, 1, 2).float() / 255.0
+    was_training = model.training
+    model.eval()
+    maps = predict_belief_maps(model, images, precision).cpu().numpy()
+    model.train(was_training)
+    crop_xy, _ = decode_belief_maps(maps[:, :, :-1])
+    names = cache.joint_names
+    pick = pick_confusion_example(crop_xy, data["joints"], names, flip_pairs=cache.flip_pairs)
+    return belief_maps_figure(data["images"][pick], maps[pick], names, path,
+                              title=f"crop {int(rows[pick])}: belief maps per stage")

@@ -142,10 +142,16 @@ def as_config(config: ExperimentConfig | dict) -> ExperimentConfig:
 
 # --- data ---------------------------------------------------------------------------------------
 
-def open_caches(config: ExperimentConfig, ctx: WorkerContext, splits=("train", "val"), progress: bool = True) -> dict:
-    """{split: PoseCache}; the chief builds missing caches first, the others then find them."""
+def open_caches(config: ExperimentConfig, ctx: WorkerContext, splits=("train", "val"), progress: bool = True,
+                cache_paths: dict | None = None) -> dict:
+    """{split: PoseCache}: the given `cache_paths` ({split: file}, e.g. copied to this node), else
+    built from the config; the chief builds missing caches first, the others then find them."""
     from preprocessing.build import build_cache
     from preprocessing.cache import PoseCache
+
+    cache_paths = cache_paths or {}
+    if all(split in cache_paths for split in splits):
+        return {split: PoseCache(cache_paths[split]) for split in splits}
 
     caps = {"train": config.data.max_train_samples, "val": config.data.max_val_samples, "test": None}
 
@@ -153,12 +159,13 @@ def open_caches(config: ExperimentConfig, ctx: WorkerContext, splits=("train", "
         return build_cache(config.data.spec, split, config.preprocess, config.data.cache_dir,
                            progress=progress and ctx.is_chief, max_samples=caps[split])
 
+    missing = [split for split in splits if split not in cache_paths]
     if ctx.world_size > 1:
         if ctx.is_chief:
-            for split in splits:
+            for split in missing:
                 build(split)
         ctx.barrier()
-    return {split: PoseCache(build(split)) for split in splits}
+    return {split: PoseCache(cache_paths[split] if split in cache_paths else build(split)) for split in splits}
 
 
 def flip_permutation_of(cache) -> list[int]:
@@ -215,8 +222,11 @@ def validate(model, cache, config: ExperimentConfig, ctx: WorkerContext, batch_s
 
 # --- the worker ---------------------------------------------------------------------------------
 
-def train_worker(config: ExperimentConfig | dict, ctx: WorkerContext, progress: bool = True) -> dict:
+def train_worker(config: ExperimentConfig | dict, ctx: WorkerContext, progress: bool = True,
+                 cache_paths: dict | None = None) -> dict:
     """Train, validate every epoch, checkpoint every epoch, then score the best epoch on the test split.
+
+    cache_paths: optional {split: HDF5 cache file} to use instead of building from config.data.
 
     Returns {"history": [metrics per epoch], "best_epoch", "best_pck", "test": {...}, ...}.
     """
@@ -226,7 +236,7 @@ def train_worker(config: ExperimentConfig | dict, ctx: WorkerContext, progress: 
     phases = training_phases(config)
     epochs = total_epochs(config)
 
-    caches = open_caches(config, ctx, ("train", "val"), progress)
+    caches = open_caches(config, ctx, ("train", "val"), progress, cache_paths)
     train_cache, val_cache = caches["train"], caches["val"]
     joint_names, flip_pairs = train_cache.joint_names, train_cache.flip_pairs
     flip_permutation = flip_permutation_of(train_cache)
@@ -312,7 +322,7 @@ def train_worker(config: ExperimentConfig | dict, ctx: WorkerContext, progress: 
               "joint_names": list(joint_names), "init_weights": init_note, "epochs": epochs}
     if best_state is not None:
         model.load_state_dict(best_state)
-    test = score_test_split(model, config, ctx, flip_permutation, progress)
+    test = score_test_split(model, config, ctx, flip_permutation, progress, cache_paths)
     if test is not None:
         final = {"epoch": epochs, "best_epoch": best_epoch, "best_pck": best_pck, **test}
         ctx.report(final, None)
@@ -321,12 +331,13 @@ def train_worker(config: ExperimentConfig | dict, ctx: WorkerContext, progress: 
     return result
 
 
-def score_test_split(model, config: ExperimentConfig, ctx: WorkerContext, flip_permutation, progress: bool) -> dict | None:
+def score_test_split(model, config: ExperimentConfig, ctx: WorkerContext, flip_permutation, progress: bool,
+                     cache_paths: dict | None = None) -> dict | None:
     """test_pck, test_pck_stage{t}, test_pck_{joint}, ... or None when the data has no test split."""
     from preprocessing.datasets.base import DatasetError
 
     try:
-        test_cache = open_caches(config, ctx, ("test",), progress)["test"]
+        test_cache = open_caches(config, ctx, ("test",), progress, cache_paths)["test"]
     except DatasetError as exc:
         if "empty" in str(exc):
             return None

@@ -1,0 +1,182 @@
+"""The training loop on a tiny synthetic cache: loss goes down, determinism, resume, sharding, schedule."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cpm_model.config import ConfigError, load_config
+from pipeline.context import LocalContext
+from pipeline.data import eval_batches, train_batches
+from pipeline.training import Phase, lr_factor, total_epochs, train_worker, training_phases
+
+TINY = [
+    "data.spec=synthetic:160", "preprocess.input_size=64",
+    "model.stages=2", "model.width=0.125", "model.stage1_kernel=3", "model.later_kernel=3", "model.later_convs=1",
+    "model.batch_norm=true", "model.center_sigma=8",
+    "train.batch_size=8", "train.max_steps_per_epoch=4", "train.optimizer=adam", "train.lr=0.003",
+    "train.lr_schedule=constant", "train.epochs=2",
+]
+
+
+def tiny_config(cache_dir: Path, *extra: str):
+    return load_config(None, TINY + [f"data.cache_dir={cache_dir}", *extra])
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    # One directory for every test module of the session: a second build is a cache hit.
+    return tmp_path_factory.getbasetemp() / "cpm_tiny_caches"
+
+
+class StopAfter(LocalContext):
+    """A local context that stops the run (as a crash would) after epoch `stop_after` is saved."""
+
+    def __init__(self, *args, stop_after: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.stop_after = stop_after
+
+    def report(self, metrics, checkpoint_dir=None):
+        super().report(metrics, checkpoint_dir)
+        if metrics.get("epoch") == self.stop_after and "train_loss" in metrics:
+            raise KeyboardInterrupt("stopped for the test")
+
+
+def _run(config, out: Path, resume: bool = False):
+    ctx = LocalContext(out, device="cpu", resume=resume, quiet=True)
+    return train_worker(config, ctx, progress=False), ctx
+
+
+@pytest.fixture(scope="session")
+def straight_run(cache_dir, tmp_path_factory):
+    config = tiny_config(cache_dir)
+    out = tmp_path_factory.mktemp("straight")
+    result, ctx = _run(config, out)
+    return config, result, ctx, out
+
+
+def test_metrics_keys_per_epoch(straight_run):
+    config, result, ctx, out = straight_run
+    history = result["history"]
+    assert [m["epoch"] for m in history] == [1, 2]
+    for m in history:
+        for key in ("epoch", "train_loss", "train_loss_stage1", "train_loss_stage2", "pck", "pck_stage1",
+                    "pck_stage2", "pck_right_wrist", "pck_head_top", "pck@0.1", "auc", "lr", "epoch_time_s",
+                    "images_per_s"):
+            assert key in m, key
+        assert 0.0 <= m["pck"] <= 1.0 and 0.0 <= m["auc"] <= 1.0
+        assert m["pck"] == m["pck_stage2"]
+    assert 0.0 <= result["test"]["test_pck"] <= 1.0 and "test_pck_stage1" in result["test"]
+    assert result["best_epoch"] in (1, 2)
+    assert (out / "metrics.jsonl").read_text().count("\n") == 3  # two epochs and the test row
+
+
+def test_an_epoch_lowers_the_loss(cache_dir, tmp_path):
+    config = tiny_config(cache_dir, "train.epochs=3", "train.augment=false", "train.max_steps_per_epoch=6")
+    result, _ = _run(config, tmp_path)
+    losses = [m["train_loss"] for m in result["history"]]
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_same_config_and_seed_give_the_same_numbers(straight_run, tmp_path):
+    config, result, _, _ = straight_run
+    again, _ = _run(config, tmp_path)
+    keys = ("train_loss", "train_loss_stage1", "pck", "pck_stage1", "auc")
+    assert [[m[k] for k in keys] for m in again["history"]] == [[m[k] for k in keys] for m in result["history"]]
+    for (name, a), b in zip(result["model"].state_dict().items(), again["model"].state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_resume_continues_exactly(straight_run, tmp_path):
+    config, result, _, _ = straight_run
+    with pytest.raises(KeyboardInterrupt):
+        train_worker(config, StopAfter(tmp_path, device="cpu", quiet=True, stop_after=1), progress=False)
+    assert (tmp_path / "checkpoints" / "epoch_0001" / "checkpoint.pt").is_file()
+    resumed, _ = _run(config, tmp_path, resume=True)
+    assert [m["epoch"] for m in resumed["history"]] == [1, 2]
+    assert resumed["history"][1]["train_loss"] == result["history"][1]["train_loss"]
+    assert resumed["history"][1]["pck"] == result["history"][1]["pck"]
+    assert resumed["best_epoch"] == result["best_epoch"]
+    assert resumed["test"]["test_pck"] == result["test"]["test_pck"]
+    for (name, a), b in zip(result["model"].state_dict().items(), resumed["model"].state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_stagewise_then_finetune(cache_dir, tmp_path):
+    config = tiny_config(cache_dir, "train.training_scheme=stagewise_finetune", "train.finetune_epochs=1",
+                         "train.max_steps_per_epoch=2")
+    assert training_phases(config) == [Phase(0, 1, 1), Phase(1, 1, 2), Phase(2, 1, None)]
+    result, _ = _run(config, tmp_path)
+    history = result["history"]
+    assert [m["trained_stage"] for m in history] == [1, 2, 0]
+    assert len(history) == total_epochs(config) == 3
+
+
+def test_stagewise_freezes_earlier_stages(cache_dir, tmp_path):
+    config = tiny_config(cache_dir, "train.training_scheme=stagewise", "train.max_steps_per_epoch=2")
+    torch.manual_seed(0)
+    ctx = StopAfter(tmp_path, device="cpu", quiet=True, stop_after=1)
+    with pytest.raises(KeyboardInterrupt):
+        train_worker(config, ctx, progress=False)
+    after_stage1 = torch.load(tmp_path / "checkpoints" / "epoch_0001" / "checkpoint.pt", weights_only=True)["model"]
+    _run(config, tmp_path, resume=True)
+    # The returned model holds the best epoch's weights; the epoch-2 checkpoint holds the last ones.
+    final = torch.load(tmp_path / "checkpoints" / "epoch_0002" / "checkpoint.pt", weights_only=True)["model"]
+    stage1 = [k for k in final if k.startswith("stage1.")]
+    later = [k for k in final if k.startswith("later_stages.") and k.endswith("weight")]
+    assert stage1 and all(torch.equal(final[k], after_stage1[k]) for k in stage1)  # frozen in phase 2
+    assert any(not torch.equal(final[k], after_stage1[k]) for k in later)  # stage 2 trained
+
+
+def test_stagewise_needs_an_epoch_per_stage(cache_dir):
+    with pytest.raises(ConfigError, match="epochs >= model.stages"):
+        training_phases(tiny_config(cache_dir, "train.training_scheme=stagewise", "train.epochs=1"))
+
+
+def test_train_batches_shard_without_duplicates_and_equal_steps():
+    n, batch, world = 103, 8, 3
+    shards = [train_batches(n, batch, rank, world, seed=5, epoch=2) for rank in range(world)]
+    assert {len(s) for s in shards} == {n // (batch * world)}
+    seen = np.concatenate([np.concatenate(s) for s in shards])
+    assert len(seen) == len(set(seen.tolist())) == (n // (batch * world)) * batch * world
+    assert all((np.diff(b) > 0).all() for s in shards for b in s)  # sorted within a batch (h5py)
+    again = train_batches(n, batch, 1, world, seed=5, epoch=2)
+    assert all((a == b).all() for a, b in zip(again, shards[1]))
+    other_epoch = train_batches(n, batch, 1, world, seed=5, epoch=3)
+    assert not all((a == b).all() for a, b in zip(other_epoch, shards[1]))
+    assert len(train_batches(n, batch, 0, world, 5, 0, max_steps=2)) == 2
+
+
+def test_eval_batches_cover_every_sample_once():
+    n, world = 23, 4
+    rows = np.concatenate([np.concatenate(eval_batches(n, 5, rank, world)) for rank in range(world)])
+    assert sorted(rows.tolist()) == list(range(n))
+
+
+def test_lr_schedule_warmup_step_cosine():
+    train = load_config(None, ["train.lr_schedule=step", "train.lr_step_epochs=2", "train.lr_gamma=0.1",
+                               "train.warmup_epochs=1"]).train
+    assert lr_factor(0.5, 6, train) == pytest.approx(0.5)
+    assert lr_factor(1.0, 6, train) == 1.0 and lr_factor(1.99, 6, train) == 1.0
+    assert lr_factor(2.0, 6, train) == pytest.approx(0.1) and lr_factor(4.5, 6, train) == pytest.approx(0.01)
+    cosine = load_config(None, ["train.lr_schedule=cosine"]).train
+    assert lr_factor(0.0, 10, cosine) == 1.0
+    assert lr_factor(5.0, 10, cosine) == pytest.approx(0.5)
+    assert lr_factor(10.0, 10, cosine) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_too_few_samples_for_a_batch_is_a_clear_error(cache_dir, tmp_path):
+    config = tiny_config(cache_dir, "train.batch_size=4096")
+    with pytest.raises(ConfigError, match="fewer than one batch"):
+        _run(config, tmp_path)
+
+
+def test_isnan_safe_metrics_are_plain_floats(straight_run):
+    _, result, _, _ = straight_run
+    for m in result["history"]:
+        assert all(isinstance(v, (int, float)) for v in m.values())
+        assert not math.isnan(m["train_loss"])
