@@ -57,7 +57,7 @@ from .splits import check_split, hashed_split_indices, split_of_name
 
 # Bump whenever the images or joints produced for a given (seed, index, image_size) change: the
 # version is part of identity(), hence of the preprocessing cache key.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 # LSP joint indices (cpm_model.joints.LSP order).
 R_ANKLE, R_KNEE, R_HIP, L_HIP, L_KNEE, L_ANKLE = 0, 1, 2, 3, 4, 5
@@ -101,7 +101,7 @@ def _sample_figure(rng: np.random.Generator, image_size: int) -> _Figure:
     jitter = lambda v: v * rng.uniform(0.9, 1.1)  # noqa: E731 - proportions vary by ~10%
     torso_len = jitter(0.30)
     neck_len = jitter(0.03)
-    head_r = jitter(0.065)
+    head_r = jitter(0.072)
     shoulder_w = jitter(0.11)
     shoulder_drop = 0.03
     hip_w = jitter(0.07)
@@ -211,6 +211,7 @@ class _Look:
     shoes: tuple
     hair: tuple
     buttons: tuple
+    backpack: tuple
     arm_w: float
     leg_w: float
     hand_r: float
@@ -231,6 +232,7 @@ def _sample_look(rng: np.random.Generator, height_px: float) -> _Look:
         shoes=_colour(rng, 0, 90),
         hair=hair,
         buttons=tuple(255 - c for c in shirt),
+        backpack=tuple(int(v) for v in np.array([60, 45, 30]) * rng.uniform(0.3, 1.3)),
         arm_w=0.05 * height_px * rng.uniform(0.9, 1.1),
         leg_w=0.065 * height_px * rng.uniform(0.9, 1.1),
         hand_r=0.028 * height_px,
@@ -315,11 +317,22 @@ def _draw_figure(img: np.ndarray, fig: _Figure, look: _Look, rng: np.random.Gene
     torso_len = np.linalg.norm(neck - hip_mid)
     down = (hip_mid - neck) / max(torso_len, 1e-6)
     if fig.facing_front:
-        # Front: V-neck and a button line down the middle of the shirt.
+        # Front: a contrasting shirt-front band down the middle, a V-neck and a button line.
+        band = 0.28 * np.linalg.norm(sh_l - sh_r) / 2.0
+        _poly(img, [neck - across * band, neck + across * band,
+                    hip_mid + across * band * 0.8, hip_mid - across * band * 0.8], look.buttons)
         v = 0.22 * torso_len
         _poly(img, [neck - across * 0.35 * v, neck + across * 0.35 * v, neck + down * v], look.skin)
         for k in range(3):
-            _disk(img, neck + down * torso_len * (0.38 + 0.18 * k), max(0.9, fig.head_radius * 0.18), look.buttons)
+            _disk(img, neck + down * torso_len * (0.38 + 0.18 * k), max(0.9, fig.head_radius * 0.18), look.shirt)
+    else:
+        # Back: a dark backpack in the middle of the torso, its straps running up to the shoulders.
+        pack_top, pack_low = neck + down * 0.2 * torso_len, neck + down * 0.8 * torso_len
+        half = 0.55 * np.linalg.norm(sh_l - sh_r) / 2.0
+        _poly(img, [pack_top - across * half, pack_top + across * half,
+                    pack_low + across * half, pack_low - across * half], look.backpack)
+        for sh in (sh_r, sh_l):
+            _line(img, pack_top + (sh - neck) * 0.35, (sh + neck) / 2.0, look.backpack, max(1.0, 0.2 * fig.head_radius))
     # Arms over the torso, in random order (so which arm is on top says nothing about its side).
     arms = [(R_SHOULDER, R_ELBOW, R_WRIST), (L_SHOULDER, L_ELBOW, L_WRIST)]
     if rng.random() < 0.5:
