@@ -36,6 +36,11 @@ def trial_overrides(trial_config: dict) -> dict[str, Any]:
     return overrides
 
 
+def cache_hash(path: str) -> str:
+    """The content hash a cache file's name carries (…-{split}-{size}px-{hash}.h5)."""
+    return Path(path).stem.rsplit("-", 1)[-1]
+
+
 def trial_params(spec, cache_hashes: dict[str, str]) -> dict[str, Any]:
     """Flat params, the same names in every run: the paper's ablation axes first, then the config."""
     c = spec.config
@@ -52,7 +57,7 @@ def trial_params(spec, cache_hashes: dict[str, str]) -> dict[str, Any]:
         "input_size": c.preprocess.input_size,
         "backbone": c.model.backbone,
         "dataset": c.data.spec,
-        "cache_hash": cache_hashes.get("train", ""),
+        "cache_hash": cache_hash(cache_hashes["train"]) if "train" in cache_hashes else "",
         "learning_rate": c.train.lr,
         "optimizer": c.train.optimizer,
         "seed": c.train.seed,
@@ -110,11 +115,11 @@ class MLflowTrialLogger(tune.Callback):
 
     def _log_dataset(self, run_id: str, spec: str, hashes: dict[str, str]) -> None:
         from mlflow.data.meta_dataset import MetaDataset
-        from mlflow.data.filesystem_dataset_source import FileSystemDatasetSource
+        from mlflow.data.sources import LocalArtifactDatasetSource
 
-        for split, name in sorted(hashes.items()):
-            dataset = MetaDataset(source=FileSystemDatasetSource(name), name=f"{spec} [{split}]",
-                                  digest=Path(name).stem.rsplit("-", 1)[-1][:36])
+        for split, path in sorted(hashes.items()):
+            dataset = MetaDataset(source=LocalArtifactDatasetSource(path), name=f"{spec} [{split}]",
+                                  digest=cache_hash(path))
             self.client.log_inputs(run_id, [DatasetInput(dataset._to_mlflow_entity(),
                                                          tags=[InputTag("mlflow.data.context", split)])])
 

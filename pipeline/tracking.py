@@ -136,9 +136,14 @@ def log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> Non
         client.log_batch(run_id, params=items[start:start + 100])
 
 
+def metric_name(key: str) -> str:
+    """MLflow's name for a metric key: '@' is not allowed there, so 'pck@0.1' is logged as 'pck_0.1'."""
+    return key.replace("@", "_")
+
+
 def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float], step: int) -> None:
     now = int(time.time() * 1000)
-    items = [Metric(k, float(v), now, step) for k, v in sorted(metrics.items())]
+    items = [Metric(metric_name(k), float(v), now, step) for k, v in sorted(metrics.items())]
     for start in range(0, len(items), 500):
         client.log_batch(run_id, metrics=items[start:start + 500])
 

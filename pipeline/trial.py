@@ -39,20 +39,22 @@ def worker_loop(loop_config: dict) -> None:
 
 
 def _write_artifacts(directory: Path, result: dict, config, cache_paths: dict[str, str]) -> None:
-    """Best weights, the config and the belief-map picture, for the driver to log to MLflow."""
-    import torch
+    """Best weights (a checkpoint `pipeline.evaluate` reads), the config, the learning curve and
+    the belief maps per stage, for the driver to log to MLflow."""
+    from .checkpoint import build_checkpoint, save_checkpoint
+    from .figures import belief_maps_figure_for_cache, learning_curve_figure
 
     directory.mkdir(parents=True, exist_ok=True)
-    from .figures import belief_maps_figure_for_cache
-
     model = result["model"]
-    torch.save({"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                "config": config.to_dict(), "epoch": result["best_epoch"]}, directory / "best_model.pt")
+    save_checkpoint(build_checkpoint(model, config, epoch=result["best_epoch"] or 0, metrics=result["history"],
+                                     best_epoch=result["best_epoch"], joint_names=result["joint_names"]),
+                    directory / "best_model.pt")
     (directory / "config.yaml").write_text(config.to_yaml())
-    try:
+    try:  # a picture must never fail a finished run
+        learning_curve_figure(result["history"], directory / "learning_curve.png")
         belief_maps_figure_for_cache(model, cache_paths["val"], directory / "belief_maps_per_stage.png")
-    except Exception as exc:  # a picture must never fail a finished run
-        (directory / "belief_maps_per_stage.txt").write_text(f"figure not drawn: {exc}\n")
+    except Exception as exc:
+        (directory / "figures_not_drawn.txt").write_text(f"{type(exc).__name__}: {exc}\n")
 
 
 def run_trial(trial_config: dict, base_config: dict, plan: ResourcePlan, sweep_id: str, storage_path: str,
