@@ -28,19 +28,26 @@ The left and right limbs of a figure have the same colours, widths and shapes, s
 that sees a small window (a wrist and part of its forearm) cannot tell a left wrist from a right
 wrist. Joints are labelled from the person's point of view (LSP: "right" is the person's right).
 Each figure is seen either from the FRONT or from the BACK (50/50): from the front, the person's
-right side is on the image's left; from the back, on the image's right. The only thing that
-shows which is on the head and torso: from the front the head is a skin-coloured face (hair on
-top, two eyes, a mouth) and the shirt has a V-neck and a button line; from the back the head is
-all hair and the shirt is plain. For every front-view image with a given pose there is an
-equally likely back-view image with the mirrored pose and the same limbs, so without the head or
-torso cue the left/right labels of the limbs are at chance.
+right side is on the image's left; from the back, on the image's right. Only the head and torso
+show which: from the front the head is a skin-coloured face (hair on top, two eyes, a mouth) and
+the shirt has a contrasting band down its middle, a V-neck and buttons; from the back the head is
+all hair and the torso carries a dark backpack with straps to the shoulders. For every front-view
+image with a given pose there is an equally likely back-view image with the mirrored pose and the
+same limbs, so without the head/torso cue the left/right labels of the limbs are at chance.
+Both cues are mirror-symmetric: a horizontally flipped image with its left/right labels swapped is
+again a valid sample, so flip augmentation stays consistent (a marking on one side of the body
+would not survive it, which is why the cue is front/back and not a one-sided badge).
 
 The expected effect is that of the CPM paper's Fig. 1 and 3: a network (or a CPM stage) whose
 receptive field covers only a part of the body localises limbs but confuses left and right (about
 half of the wrists, elbows, ankles and knees are given the other side's name), and one whose
 receptive field spans the whole figure, seeing the face/back cue together with the limb chain,
 resolves them. ``bench/synthetic_check.py`` trains a small- and a large-receptive-field network
-on this data and reports PCK@0.2 and the left/right swap rate of both.
+on this data (96 px input, 3 minutes each on one CPU core) and reports PCK@0.2 and the left/right
+swap rate. Measured with generator version 2, seed 0, on 417 held-out samples: receptive field
+18 px (0.26 x person height): PCK@0.2 31%, swap rate 44% (wrists and ankles 50%, chance);
+142 px (2 x person height): PCK@0.2 74%, swap rate 10% (wrists and ankles 24%), the swap rate
+falling from 44% to 16% to 10% over its training as it learns to use the cue.
 """
 
 from __future__ import annotations
