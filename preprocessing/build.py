@@ -131,6 +131,17 @@ def _work(index: int):
         return "skip", skip.reason, str(skip)
 
 
+def _pool_context():
+    """Workers forked from a clean server process, not from the caller: a plain fork deadlocks
+    when the caller has already used OpenCV's or PyTorch's thread pools (their locks are copied
+    mid-use). The server preloads this module, so each worker starts in milliseconds."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    return context
+
+
 class _Throttle:
     """Feeds indices to the pool no faster than the parent consumes results (flat memory)."""
 
@@ -163,8 +174,7 @@ def _results(dataset, indices, split, preprocess, kinds, workers: int):
         yield (_work(i) for i in indices), (lambda: None)
         return
     throttle = _Throttle(indices, WRITE_BLOCK * IN_FLIGHT_BLOCKS)
-    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
-    pool = context.Pool(workers, initializer=_init_worker, initargs=(dataset, split, preprocess, kinds))
+    pool = _pool_context().Pool(workers, initializer=_init_worker, initargs=(dataset, split, preprocess, kinds))
     try:
         chunk = max(1, min(8, len(indices) // (4 * workers)))
         yield pool.imap(_work, throttle, chunksize=chunk), throttle.release

@@ -395,3 +395,15 @@ def test_default_cache_dir_is_outside_the_repository(repo_root):
 
     cache_dir = Path(os.path.expanduser(DataConfig().cache_dir)).resolve()
     assert repo_root not in cache_dir.parents
+
+
+@pytest.mark.timeout(120)
+def test_pool_build_after_the_caller_used_opencv_and_torch_threads(tmp_path):
+    """Forked workers used to deadlock in cv2.setNumThreads when the caller's thread pools were busy before."""
+    import torch
+
+    cv2.warpAffine(np.zeros((2000, 2000, 3), np.uint8), np.eye(2, 3), (1500, 1500))
+    torch.ones(512, 512) @ torch.ones(512, 512)
+    path = build_cache(FakeDataset(tmp_path / "fake", count=20), "train", small(workers=2), tmp_path / "c",
+                       progress=False)
+    assert len(PoseCache(path)) == 20
