@@ -83,7 +83,10 @@ def connect_ray() -> None:
     try:
         ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), log_to_driver=True)
     except ConnectionError:
-        ray.init()
+        # A cluster of our own: its workers import this checkout, installed or not.
+        repo_root = str(Path(__file__).resolve().parents[1])
+        path = os.pathsep.join(p for p in (repo_root, os.environ.get("PYTHONPATH", "")) if p)
+        ray.init(runtime_env={"env_vars": {"PYTHONPATH": path}})
 
 
 def run_sweep(config: ExperimentConfig, trials: list[TrialSpec], resume: str | None = None,

@@ -97,12 +97,13 @@ def make_trial(base: ExperimentConfig, overrides: dict[str, Any]) -> TrialSpec:
 
 def expand_grid(base: ExperimentConfig) -> list[TrialSpec]:
     """One trial per (variant, grid point): the grid's cartesian product crossed with the list of
-    variants (a single trial when both are empty)."""
+    variants (a single trial when both are empty); a variant's values win over the grid's."""
     grid = base.sweep.grid
     keys = list(grid)
     points = list(itertools.product(*(grid[k] for k in keys))) if keys else [()]
     variants = base.sweep.variants or [{}]
-    trials = [make_trial(base, {**variant, **dict(zip(keys, values))}) for variant in variants for values in points]
+    # A variant is the more specific choice: its values win over the grid's.
+    trials = [make_trial(base, {**dict(zip(keys, values)), **variant}) for variant in variants for values in points]
     seen: dict[str, TrialSpec] = {}
     for trial in trials:
         seen.setdefault(trial.key, trial)

@@ -1,0 +1,162 @@
+"""The real thing on small inputs: `python pipeline/sweep.py` on a local Ray cluster, tracked in a
+SQLite MLflow store, with a trial that fails, a training worker killed mid-trial, and a driver
+killed then resumed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[1]
+EPOCHS = 4
+
+
+def sweep_command(tmp: Path, *extra: str) -> list[str]:
+    return [sys.executable, str(REPO / "pipeline" / "sweep.py"), "--config", str(REPO / "configs" / "synthetic_tiny.yaml"),
+            "--tracking-uri", f"sqlite:///{tmp / 'mlflow.db'}", "--storage-path", str(tmp / "ray"),
+            "--set", f"data.cache_dir={tmp / 'cache'}", "--set", "data.spec=synthetic:300",
+            "--set", f"train.epochs={EPOCHS}", "--set", "tracking.experiment=test-sweep", *extra]
+
+
+def sweep_env() -> dict:
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)  # each test's driver starts its own local cluster
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def run_sweep(tmp: Path, *extra: str, timeout: float = 400) -> subprocess.CompletedProcess:
+    return subprocess.run(sweep_command(tmp, *extra), cwd=tmp, env=sweep_env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def trial_runs(tmp: Path) -> tuple[MlflowClient, list]:
+    client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("test-sweep")
+    runs = client.search_runs([experiment.experiment_id], filter_string="tags.`cpm.run_kind` = 'trial'")
+    return client, runs
+
+
+def epochs_logged(client: MlflowClient, run_id: str) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, "pck"))
+
+
+def test_sweep_tracks_every_trial_and_survives_a_failing_one(tmp_path):
+    # The third trial cannot fit: its batch is larger than the training split.
+    result = run_sweep(tmp_path, "--set", "sweep.variants=[{model.stages: 1}, {model.stages: 3}, "
+                                          "{model.stages: 2, train.batch_size: 100000}]")
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+
+    client, runs = trial_runs(tmp_path)
+    by_name = {r.info.run_name: r for r in runs}
+    failed_name = "T=2 rf=109px is=on batch_size=100000 seed=0"
+    assert sorted(by_name) == ["T=1 rf=45px is=on seed=0", failed_name, "T=3 rf=173px is=on seed=0"]
+    parents = {r.data.tags["mlflow.parentRunId"] for r in runs}
+    assert len(parents) == 1
+    parent = client.get_run(parents.pop())
+    assert parent.data.tags["cpm.run_kind"] == "sweep" and parent.info.status == "FINISHED"
+
+    for name in ("T=1 rf=45px is=on seed=0", "T=3 rf=173px is=on seed=0"):
+        run = by_name[name]
+        assert run.info.status == "FINISHED"
+        params = run.data.params
+        assert params["stages"] == name[2] and params["receptive_field_px"] == name.split("rf=")[1].split("px")[0]
+        assert params["intermediate_supervision"] == "True" and params["dataset"] == "synthetic:300"
+        assert epochs_logged(client, run.info.run_id) == list(range(1, EPOCHS + 1))
+        stages = int(params["stages"])
+        assert all(f"pck_stage{t}" in run.data.metrics for t in range(1, stages + 1))
+        assert 0.0 <= run.data.metrics["best_pck"] <= 1.0 and "test_pck" in run.data.metrics
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"config.yaml", "best_model.pt", "belief_maps_per_stage.png"} <= artifacts
+        assert run.data.tags["mlflow.source.git.commit"]
+
+    failed = by_name[failed_name]
+    assert failed.info.status == "FAILED"
+    assert "fewer than one batch" in failed.data.tags["cpm.error"]
+    # The table lists the finished configurations and names the failed one.
+    assert "| 3 | 173 |" in output and f"{failed_name}: FAILED" in output
+
+
+def _result_rows(storage: Path) -> list[dict]:
+    rows = []
+    for path in storage.glob("*/trial_*/result.json"):
+        rows += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return rows
+
+
+def _wait_for(predicate, timeout: float, what: str, proc=None):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            out = proc.stdout.read() if proc.stdout else ""
+            pytest.fail(f"sweep exited ({proc.returncode}) while waiting for {what}:\n{out[-3000:]}")
+        time.sleep(0.5)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def test_killed_worker_resumes_from_its_checkpoint_in_the_same_run(tmp_path):
+    import psutil
+
+    proc = subprocess.Popen(sweep_command(tmp_path, "--set", "train.epochs=6"), cwd=tmp_path, env=sweep_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_for(lambda: any(r.get("epoch") == 2 and "train_loss" in r for r in _result_rows(tmp_path / "ray")),
+                  240, "epoch 2", proc)
+        workers = [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+        assert workers, "no Ray Train worker process found"
+        for worker in workers:
+            worker.send_signal(signal.SIGKILL)
+        out, _ = proc.communicate(timeout=400)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out[-3000:]
+
+    epochs = [r["epoch"] for r in _result_rows(tmp_path / "ray") if "train_loss" in r]
+    assert epochs == sorted(set(epochs)) == list(range(1, 7)), f"epochs reported: {epochs} (a restart from scratch repeats them)"
+    client, runs = trial_runs(tmp_path)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert epochs_logged(client, runs[0].info.run_id) == list(range(1, 7))
+
+
+def test_killed_driver_resumes_without_duplicate_runs(tmp_path):
+    grid = "sweep.grid={model.stages: [1, 2, 3]}"
+    env = sweep_env()
+    proc = subprocess.Popen(sweep_command(tmp_path, "--set", grid, "--set", "sweep.max_concurrent_trials=1"),
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        # Kill the driver (and the local cluster it started) once the first trial has finished.
+        _wait_for(lambda: any(r.get("artifacts_dir") for r in _result_rows(tmp_path / "ray")), 300,
+                  "the first trial to finish", proc)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    subprocess.run(["ray", "stop", "--force"], capture_output=True, timeout=60)
+
+    resumed = run_sweep(tmp_path, "--set", grid, "--set", "sweep.max_concurrent_trials=1", "--resume")
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]
+    client, runs = trial_runs(tmp_path)
+    names = sorted(r.info.run_name for r in runs)
+    assert names == ["T=1 rf=45px is=on seed=0", "T=2 rf=109px is=on seed=0", "T=3 rf=173px is=on seed=0"]
+    for run in runs:
+        assert run.info.status == "FINISHED"
+        assert epochs_logged(client, run.info.run_id) == list(range(1, EPOCHS + 1))
+    sweeps = client.search_runs([runs[0].info.experiment_id], filter_string="tags.`cpm.run_kind` = 'sweep'")
+    assert len(sweeps) == 1
