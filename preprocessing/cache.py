@@ -19,11 +19,11 @@ data_spec, split, skipped (JSON reason -> count), skipped_examples (JSON reason 
 
 Layout (bench/RESULTS.md has the measurements, 368 px, random batches of 32): one sample per
 chunk, so that a random training batch reads exactly its samples. Images uncompressed: lzf /
-gzip-1 save 27% / 37% of the space but read 4-5x slower (about 450-550 vs 2,300-5,500 samples/s).
-Belief maps lzf: 13x smaller (mostly zeros), read about as fast as uncompressed. Samples are read
-one by one with read_direct: h5py's fancy indexing of a chunked dataset is 100x slower here.
-The reader opens the file without a chunk cache (rdcc_nbytes=0): no sample is read twice in a
-batch, and skipping the cache's copy makes one-sample-per-chunk reads 30% faster.
+gzip-1 save 27% / 37% of the space but read 5-10x slower (560 / 300 vs 2,900 samples/s).
+Belief maps lzf: 13x smaller (mostly zeros), 4,000 samples/s, far more than training consumes.
+Samples are read one by one with read_direct: h5py's fancy indexing of a chunked dataset is
+100x slower here. The reader opens the file without a chunk cache (rdcc_nbytes=0): no sample is
+read twice in a batch, and skipping the cache's copy makes one-sample-per-chunk reads 30-70% faster.
 """
 
 from __future__ import annotations

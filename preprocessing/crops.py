@@ -29,8 +29,8 @@ All image-size measures predict the person's size equally badly (std of log r ab
 persons are +-50% of the median size); max(H, W) is kept because it is simple and a crop of
 side >= max(H, W) holds the whole image. The train split (the deterministic split of the LSPET
 reader, 7,139 images) gives 0.393 (mean 0.415, std of log r 0.41).
-The embedded synthetic figures are larger in their images: r = 0.661 on the train split of the
-default set (1,583 of 2,000 images, std of log r 0.11). LSP (the original 2,000 images, scaled so that the
+The embedded synthetic figures are larger in their images: r = 0.669 on the train split of the
+default set (generator version 2; 1,583 of 2,000 images, std of log r 0.11). LSP (the original 2,000 images, scaled so that the
 person is about 150 px long, like LSPET) is not at hand here and takes LSPET's value; any other
 kind without a measured value does too (DEFAULT_PERSON_TO_IMAGE_RATIO).
 
@@ -55,7 +55,7 @@ from cpm_model.geometry import crop_affine
 from .datasets.base import PoseSample, SampleSkipped
 
 # Median of max(joint-bbox side) / max(image H, W) per dataset kind (see the module docstring).
-PERSON_TO_IMAGE_RATIO = {"lspet": 0.392, "lsp": 0.392, "synthetic": 0.660}
+PERSON_TO_IMAGE_RATIO = {"lspet": 0.392, "lsp": 0.392, "synthetic": 0.669}
 DEFAULT_PERSON_TO_IMAGE_RATIO = PERSON_TO_IMAGE_RATIO["lspet"]
 # MPII's scale is the person's height / 200 px.
 MPII_PERSON_PX_PER_SCALE = 200.0

@@ -397,9 +397,9 @@ def test_default_cache_dir_is_outside_the_repository(repo_root):
     assert repo_root not in cache_dir.parents
 
 
-@pytest.mark.timeout(120)
 def test_pool_build_after_the_caller_used_opencv_and_torch_threads(tmp_path):
-    """Forked workers used to deadlock in cv2.setNumThreads when the caller's thread pools were busy before."""
+    """Workers forked from the caller deadlocked (in cv2.setNumThreads) once the caller had used
+    OpenCV's thread pool; this test then hangs instead of passing."""
     import torch
 
     cv2.warpAffine(np.zeros((2000, 2000, 3), np.uint8), np.eye(2, 3), (1500, 1500))
