@@ -95,6 +95,20 @@ def _result_rows(storage: Path) -> list[dict]:
     return rows
 
 
+def processes_named(fragment: str) -> list[int]:
+    """Pids whose command line contains `fragment` (Ray names actor processes ray::ClassName)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if fragment in cmdline:
+                pids.append(int(entry.name))
+    return pids
+
+
 def _wait_for(predicate, timeout: float, what: str, proc=None):
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -109,17 +123,15 @@ def _wait_for(predicate, timeout: float, what: str, proc=None):
 
 
 def test_killed_worker_resumes_from_its_checkpoint_in_the_same_run(tmp_path):
-    import psutil
-
     proc = subprocess.Popen(sweep_command(tmp_path, "--set", "train.epochs=6"), cwd=tmp_path, env=sweep_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         _wait_for(lambda: any(r.get("epoch") == 2 and "train_loss" in r for r in _result_rows(tmp_path / "ray")),
                   240, "epoch 2", proc)
-        workers = [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+        workers = processes_named("RayTrainWorker")
         assert workers, "no Ray Train worker process found"
-        for worker in workers:
-            worker.send_signal(signal.SIGKILL)
+        for pid in workers:
+            os.kill(pid, signal.SIGKILL)
         out, _ = proc.communicate(timeout=400)
     finally:
         if proc.poll() is None:
