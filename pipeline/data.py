@@ -24,12 +24,6 @@ import torch
 DEVICE_KEYS = ("images", "belief_maps", "joints")
 
 
-def subset_indices(num_samples: int, max_samples: int | None) -> np.ndarray:
-    """The cache rows a run uses: all, or the first `max_samples` (a fixed, reproducible subset)."""
-    count = num_samples if max_samples is None else min(num_samples, int(max_samples))
-    return np.arange(count, dtype=np.int64)
-
-
 def train_batches(num_samples: int, batch_size: int, rank: int, world_size: int, seed: int, epoch: int,
                   max_steps: int | None = None) -> list[np.ndarray]:
     """Positions (into 0..num_samples-1) of this rank's training batches for one epoch.

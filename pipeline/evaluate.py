@@ -324,9 +324,22 @@ def open_split_caches(config: ExperimentConfig, split: str, progress: bool = Tru
     from preprocessing.build import build_cache
     from preprocessing.cache import PoseCache
 
-    splits = ("train", "val", "test") if split == "all" else (split,)
-    return [PoseCache(build_cache(config.data.spec, s, config.preprocess, config.data.cache_dir,
-                                  progress=progress, max_samples=max_samples)) for s in splits]
+    from preprocessing.datasets.base import DatasetError
+
+    if split != "all":
+        return [PoseCache(build_cache(config.data.spec, split, config.preprocess, config.data.cache_dir,
+                                      progress=progress, max_samples=max_samples))]
+    caches = []
+    for part in ("train", "val", "test"):  # a small directory may leave a split empty
+        try:
+            caches.append(PoseCache(build_cache(config.data.spec, part, config.preprocess, config.data.cache_dir,
+                                                progress=progress, max_samples=max_samples)))
+        except DatasetError as exc:
+            if "is empty" not in str(exc):
+                raise
+    if not caches:
+        raise DatasetError(f"data spec {config.data.spec!r} has no samples to evaluate")
+    return caches
 
 
 def main(argv: list[str] | None = None) -> int:

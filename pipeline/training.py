@@ -287,7 +287,6 @@ def train_worker(config: ExperimentConfig | dict, ctx: WorkerContext, progress: 
                                   t.max_steps_per_epoch)
         batches = CacheBatches(train_cache, np.arange(num_train), positions, device,
                                keys=TRAIN_KEYS if not t.augment else ("images", "joints"))
-        lr = optimizer.param_groups[0]["lr"]
         sums = train_one_epoch(train_model, optimizer, scheduler, batches, config, phase.stage, generator,
                                flip_permutation, device)
         train_time = time.perf_counter() - epoch_start
@@ -301,7 +300,7 @@ def train_worker(config: ExperimentConfig | dict, ctx: WorkerContext, progress: 
             metrics[f"train_loss_stage{s + 1}"] = float(value / total_steps)
         metrics.update(summarize(counts, joint_names))
         metrics["val_num_samples"] = counts.num_samples
-        metrics["lr"] = lr
+        metrics["lr"] = optimizer.param_groups[0]["lr"]  # the rate reached at the end of the epoch
         metrics["trained_stage"] = phase.stage if phase.stage is not None else 0
         metrics["epoch_time_s"] = time.perf_counter() - epoch_start
         metrics["images_per_s"] = float(reduced[2] / max(train_time, 1e-9)) if ctx.world_size == 1 else \

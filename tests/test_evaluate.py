@@ -196,3 +196,22 @@ def test_bad_input_errors_name_the_file(trained, tmp_path):
         done = _cli(*args)
         assert done.returncode == 2, (args, done.stderr)
         assert needle in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_evaluate_any_lspet_format_directory(trained, lspet_dir, tmp_path):
+    """A handful of LSPET images in the LSPET layout: every split that has samples is scored."""
+    import shutil
+
+    from scipy.io import loadmat, savemat
+
+    count = 7
+    root = tmp_path / "mini_lspet"
+    (root / "images").mkdir(parents=True)
+    for i in range(1, count + 1):
+        shutil.copy(lspet_dir / "images" / f"im{i:05d}.jpg", root / "images" / f"im{i:05d}.jpg")
+    savemat(root / "joints.mat", {"joints": loadmat(lspet_dir / "joints.mat")["joints"][:, :, :count]})
+    out = tmp_path / "mini.json"
+    assert evaluate.main(["--checkpoint", str(trained / "best.pt"), "--data", f"lspet:{root}", "--split", "all",
+                          "--cache-dir", str(tmp_path / "cache"), "--json", str(out), "--quiet"]) == 0
+    report = json.loads(out.read_text())
+    assert report["num_samples"] == count and len(report["pck_per_joint"]) == 14
