@@ -6,6 +6,8 @@ PYTHON ?= python3
 TORCH_SPEC ?= torch==2.13.0
 STAMP := .cache/installed-$(shell $(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])').stamp
 RAY_DASHBOARD ?= http://127.0.0.1:8265
+# A new local Ray cluster turns on token authentication; its clients must send the token.
+export RAY_AUTH_MODE ?= token
 SWEEP_ARGS ?=
 PYTEST_ARGS ?=
 

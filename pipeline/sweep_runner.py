@@ -75,18 +75,30 @@ def build_caches(trials: list[TrialSpec]) -> dict[str, dict[str, str]]:
     return per_trial
 
 
+def _checkout_runtime_env() -> dict | None:
+    """Workers import the project from its installation; where it is not installed (a plain
+    checkout), they get this checkout on PYTHONPATH instead."""
+    from importlib import metadata
+
+    try:
+        metadata.distribution("cpm-pipeline")
+        return None
+    except metadata.PackageNotFoundError:
+        repo_root = str(Path(__file__).resolve().parents[1])
+        path = os.pathsep.join(p for p in (repo_root, os.environ.get("PYTHONPATH", "")) if p)
+        return {"env_vars": {"PYTHONPATH": path}}
+
+
 def connect_ray() -> None:
     if ray.is_initialized():
         return
     # Under `ray job submit` RAY_ADDRESS points at the cluster; otherwise join a running local
     # cluster (`ray start --head`) if there is one, else start one in this process.
+    runtime_env = _checkout_runtime_env()
     try:
-        ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), log_to_driver=True)
+        ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), runtime_env=runtime_env)
     except ConnectionError:
-        # A cluster of our own: its workers import this checkout, installed or not.
-        repo_root = str(Path(__file__).resolve().parents[1])
-        path = os.pathsep.join(p for p in (repo_root, os.environ.get("PYTHONPATH", "")) if p)
-        ray.init(runtime_env={"env_vars": {"PYTHONPATH": path}})
+        ray.init(runtime_env=runtime_env)
 
 
 def run_sweep(config: ExperimentConfig, trials: list[TrialSpec], resume: str | None = None,

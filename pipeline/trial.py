@@ -8,6 +8,7 @@ and storage path are derived from the trial's identity and stay the same.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -29,6 +30,7 @@ def worker_loop(loop_config: dict) -> None:
     from .ray_context import RayTrainContext
     from .training import train_worker
 
+    _quiet_train_reports()
     ctx = RayTrainContext(cpus_per_worker=loop_config["cpus_per_worker"])
     config = from_dict(loop_config["config"])
     cache_paths = {split: cache_sync.ensure_on_node(path, loop_config["cache_node_id"])
@@ -36,6 +38,18 @@ def worker_loop(loop_config: dict) -> None:
     result = train_worker(config, ctx, progress=False, cache_paths=cache_paths)
     if ctx.is_chief:  # the run's storage is shared by every node, so the chief writes there directly
         _write_artifacts(Path(loop_config["artifacts_dir"]), result, config, cache_paths)
+
+
+def _quiet_train_reports() -> None:
+    """Ray Train logs every report's whole metrics dict at INFO (from loggers named by file path,
+    which LoggingConfig does not reach); Tune's progress table already shows the metrics."""
+    try:
+        from ray.train.v2._internal.execution import context, storage
+    except ImportError:  # another Ray layout: keep its logging as it is
+        return
+    for module in (context, storage):
+        for name in (module.__file__, module.__name__):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _write_artifacts(directory: Path, result: dict, config, cache_paths: dict[str, str]) -> None:
@@ -80,6 +94,8 @@ def run_trial(trial_config: dict, base_config: dict, plan: ResourcePlan, sweep_i
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="pck",
                                                          checkpoint_score_order="max"),
             callbacks=[TuneReportCallback()],
+            # Tune's progress table shows the metrics; Train's per-report INFO lines repeat them all.
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
     )
     result = trainer.fit()
