@@ -1,0 +1,99 @@
+"""Distributed figures: per-trial overhead, the default job's wall time, 1 vs 2 workers.
+
+    python bench/bench_distributed.py [--part overhead scaling default] [--results bench/RESULTS.md]
+
+- overhead: a 2-trial sweep (synthetic_tiny preset); per trial, the time from the trial's start
+  (Tune's clock) to its first training step = time_total_s of the first epoch row minus that
+  epoch's own epoch_time_s (cache open, model build and the Train worker group's start included).
+- scaling: one configuration trained with 1 and with 2 Ray Train workers (one CPU each), the same
+  global batch; images/s from the worker loop's own epoch timing, ratio 2 workers / 1 worker.
+- default: wall time of the embedded default sweep (`python pipeline/sweep.py`), end to end.
+Everything runs in temporary directories (caches, checkpoints, MLflow) removed afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_sweep(tmp: Path, *extra: str, config: str = "configs/synthetic_tiny.yaml") -> float:
+    command = [sys.executable, str(REPO / "pipeline" / "sweep.py"), "--config", str(REPO / config),
+               "--tracking-uri", f"sqlite:///{tmp / 'mlflow.db'}", "--storage-path", str(tmp / "ray"),
+               "--set", f"data.cache_dir={tmp / 'cache'}", *extra]
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    start = time.perf_counter()
+    result = subprocess.run(command, cwd=tmp, env=env, capture_output=True, text=True)
+    elapsed = time.perf_counter() - start
+    if result.returncode != 0:
+        raise SystemExit(f"sweep failed:\n{(result.stdout + result.stderr)[-3000:]}")
+    return elapsed
+
+
+def result_rows(tmp: Path) -> list[list[dict]]:
+    trials = []
+    for path in sorted((tmp / "ray").glob("*/trial_*/result.json")):
+        trials.append([json.loads(line) for line in path.read_text().splitlines() if line.strip()])
+    return trials
+
+
+def overhead(tmp: Path) -> dict:
+    wall = run_sweep(tmp, "--set", "sweep.grid={model.stages: [1, 3]}", "--set", "train.epochs=2")
+    startup = []
+    for rows in result_rows(tmp):
+        first = next(r for r in rows if "train_loss" in r)
+        startup.append(first["time_total_s"] - first["epoch_time_s"])
+    return {"trials": len(startup), "startup_s": startup, "startup_mean_s": statistics.mean(startup),
+            "sweep_wall_s": wall}
+
+
+def scaling(tmp: Path) -> dict:
+    out = {}
+    for workers in (1, 2):
+        run_dir = tmp / f"w{workers}"
+        run_dir.mkdir()
+        # The same global batch (32) split over the workers; 2 workers x 16 or 1 worker x 32.
+        run_sweep(run_dir, "--set", "sweep.grid={}", "--set", f"sweep.workers_per_trial={workers}",
+                  "--set", f"train.batch_size={32 // workers}", "--set", "train.epochs=3",
+                  "--set", "data.spec=synthetic:2000")
+        rows = [r for r in result_rows(run_dir)[0] if "train_loss" in r]
+        out[workers] = statistics.median(r["images_per_s"] for r in rows[1:])  # skip the warm-up epoch
+    return {"images_per_s_1_worker": out[1], "images_per_s_2_workers": out[2], "ratio": out[2] / out[1]}
+
+
+def default_job(tmp: Path) -> dict:
+    wall = run_sweep(tmp, config="configs/default.yaml")
+    return {"wall_s": wall, "trials": len(result_rows(tmp))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--part", nargs="+", default=["overhead", "scaling", "default"],
+                        choices=["overhead", "scaling", "default"])
+    parser.add_argument("--json", default=None, help="write the figures to this JSON file")
+    args = parser.parse_args()
+    figures = {"date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(), "python": platform.python_version(),
+               "load_before": os.getloadavg()}
+    parts = {"overhead": overhead, "scaling": scaling, "default": default_job}
+    for name in args.part:
+        with tempfile.TemporaryDirectory(prefix=f"cpm-bench-{name}-") as tmp:
+            figures[name] = parts[name](Path(tmp))
+        print(name, json.dumps(figures[name], indent=1), flush=True)
+    figures["load_after"] = os.getloadavg()
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=1))
+
+
+if __name__ == "__main__":
+    main()
