@@ -346,6 +346,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.evaluate", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", help="checkpoint file (checkpoint.pt / best.pt) or its directory")
+    parser.add_argument("--run-id", default=None, help="score an MLflow trial run's best checkpoint instead")
+    parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for --run-id "
+                        "(default: MLFLOW_TRACKING_URI or the embedded SQLite store)")
     parser.add_argument("--baseline", choices=["mean-pose"], help="score a baseline instead of a checkpoint")
     parser.add_argument("--data", help="data spec, e.g. lspet:/data/lspet (default: the checkpoint's)")
     parser.add_argument("--split", default="test", choices=SPLIT_CHOICES)
@@ -385,7 +388,10 @@ def is_input_error(exc: BaseException) -> bool:
     from pipeline.checkpoint import CheckpointError
     from preprocessing.datasets.base import DatasetError
 
-    return isinstance(exc, (CheckpointError, ConfigError, DatasetError, FileNotFoundError, UsageError))
+    from pipeline.tracking import TrackingError
+
+    return isinstance(exc, (CheckpointError, ConfigError, DatasetError, FileNotFoundError, UsageError,
+                            TrackingError))
 
 
 def run(args) -> dict:
@@ -394,8 +400,12 @@ def run(args) -> dict:
     from pipeline.data import CacheBatches, eval_batches
 
     scales = parse_scales(args.scales)
+    if getattr(args, "run_id", None):
+        from pipeline.tracking import best_checkpoint_of_run
+
+        args.checkpoint = str(best_checkpoint_of_run(args.run_id, args.tracking_uri))
     if args.baseline is None and not args.checkpoint:
-        raise UsageError("give --checkpoint CKPT (or --baseline mean-pose)")
+        raise UsageError("give --checkpoint CKPT, --run-id RUN or --baseline mean-pose")
     if args.baseline:
         config = load_config(args.config, args.overrides)
         checkpoint = None

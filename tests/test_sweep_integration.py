@@ -81,6 +81,16 @@ def test_sweep_tracks_every_trial_and_survives_a_failing_one(tmp_path):
         assert {"config.yaml", "best_model.pt", "belief_maps_per_stage.png"} <= artifacts
         assert run.data.tags["mlflow.source.git.commit"]
 
+    # `pipeline.evaluate --run-id` scores the run's best checkpoint: on val it reproduces best_pck.
+    best = by_name["T=3 rf=173px is=on seed=0"]
+    scores = tmp_path / "scores.json"
+    evaluation = subprocess.run([sys.executable, "-m", "pipeline.evaluate", "--run-id", best.info.run_id,
+                                 "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--split", "val",
+                                 "--quiet", "--json", str(scores)], cwd=REPO, capture_output=True, text=True,
+                                timeout=300)
+    assert evaluation.returncode == 0, evaluation.stderr[-2000:]
+    assert json.loads(scores.read_text())["pck"] == pytest.approx(best.data.metrics["best_pck"], abs=1e-9)
+
     failed = by_name[failed_name]
     assert failed.info.status == "FAILED"
     assert "fewer than one batch" in failed.data.tags["cpm.error"]
