@@ -68,7 +68,8 @@ def trial_params(spec, cache_hashes: dict[str, str]) -> dict[str, Any]:
 
 class MLflowTrialLogger(tune.Callback):
     def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, sweep_id: str,
-                 base_config: dict, cache_hashes: dict[str, dict[str, str]], extra_tags: dict[str, str]):
+                 base_config: dict, cache_hashes: dict[str, dict[str, str]], extra_tags: dict[str, str],
+                 repeats_grid_points: bool = False):
         self.tracking_uri = tracking_uri
         self.experiment_id = experiment_id
         self.parent_run_id = parent_run_id
@@ -76,6 +77,8 @@ class MLflowTrialLogger(tune.Callback):
         self.base_config = base_config
         self.cache_hashes = cache_hashes  # trial key -> {split: cache file name}
         self.extra_tags = extra_tags
+        # With num_samples > 1 one grid point runs several times: Tune's trial id tells them apart.
+        self.repeats_grid_points = repeats_grid_points
         self.runs: dict[str, str] = {}  # Tune trial id -> MLflow run id
         self.last_epoch: dict[str, int] = {}
         self._client: MlflowClient | None = None
@@ -93,7 +96,8 @@ class MLflowTrialLogger(tune.Callback):
         from cpm_model.config import from_dict
 
         spec = make_trial(from_dict(self.base_config), trial_overrides(trial.config))
-        identity = {tracking.SWEEP_TAG: self.sweep_id, tracking.TRIAL_TAG: spec.key}
+        key = f"{spec.key}-{trial.trial_id}" if self.repeats_grid_points else spec.key
+        identity = {tracking.SWEEP_TAG: self.sweep_id, tracking.TRIAL_TAG: key}
         tags = {tracking.KIND_TAG: "trial", "mlflow.parentRunId": self.parent_run_id,
                 "cpm.overrides": str(spec.overrides), **self.extra_tags}
         run_id, created = tracking.get_or_create_run(self.client, self.experiment_id, identity, spec.run_name, tags)
@@ -159,6 +163,9 @@ class MLflowTrialLogger(tune.Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         run_id = self._run_for(trial)
         self._log_best(run_id)
+        planned = trial.config.get("trial", {}).get("epochs")
+        if planned and self.last_epoch.get(trial.trial_id, 0) < planned:  # a scheduler (ASHA) stopped it
+            tracking.set_tags(self.client, run_id, {"cpm.stopped_early": "true"})
         self.client.set_terminated(run_id, status="FINISHED")
 
     def on_trial_error(self, iteration, trials, trial, **info):

@@ -63,8 +63,14 @@ def main(argv=None) -> int:
     if args.print_config:
         print(config.to_yaml())
         return 0
-    print(f"Sweep '{config.name}': {len(trials)} trial(s) on {config.data.spec}")
+    samples = config.sweep.num_samples
+    print(f"Sweep '{config.name}': {len(trials) * samples} trial(s) on {config.data.spec}"
+          + (f" ({len(trials)} grid point(s) x {samples} samples)" if samples > 1 else ""))
     print(format_trial_table(trials))
+    for key, distribution in config.sweep.search.items():
+        print(f"  searched: {key} ~ {distribution}")
+    if config.sweep.scheduler:
+        print(f"  scheduler: {config.sweep.scheduler} on validation pck")
     if args.dry_run:
         return 0
 

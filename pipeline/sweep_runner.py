@@ -141,8 +141,7 @@ def run_sweep(config: ExperimentConfig, trials: list[TrialSpec], resume: str | N
     print(f"MLflow experiment '{experiment_name}', sweep run {parent_run_id}", flush=True)
 
     logger = MLflowTrialLogger(uri, experiment_id, parent_run_id, sweep_id, config.to_dict(),
-                               cache_paths,
-                               provenance)
+                               cache_paths, provenance, repeats_grid_points=config.sweep.num_samples > 1)
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base_config=config.to_dict(), plan=plan, sweep_id=sweep_id,
                              storage_path=str(storage), cache_paths=cache_paths, cache_node_id=cache_node_id,
@@ -158,7 +157,9 @@ def run_sweep(config: ExperimentConfig, trials: list[TrialSpec], resume: str | N
         scheduler = None
         if config.sweep.scheduler == "asha":
             from ray.tune.schedulers import ASHAScheduler
-            scheduler = ASHAScheduler(time_attr="epoch", max_t=config.train.epochs, grace_period=1)
+            # stop_last_trials=False: a trial that reaches the last epoch still scores its test split.
+            scheduler = ASHAScheduler(time_attr="epoch", max_t=config.train.epochs, grace_period=1,
+                                      stop_last_trials=False)
         tuner = tune.Tuner(
             trainable,
             param_space=param_space,

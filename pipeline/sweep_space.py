@@ -43,8 +43,16 @@ class TrialSpec:
 
     def as_dict(self) -> dict[str, Any]:
         return {"overrides": self.overrides, "key": self.key, "run_name": self.run_name,
+                "epochs": planned_epochs(self.config),
                 "receptive_field_px": self.receptive_field_px,
                 "relative_receptive_field": self.relative_receptive_field}
+
+
+def planned_epochs(config: ExperimentConfig) -> int:
+    """Epochs a trial runs when nothing stops it (stage-wise schemes add fine-tuning epochs)."""
+    from pipeline.training import total_epochs
+
+    return total_epochs(config)
 
 
 def trial_key(overrides: dict[str, Any]) -> str:

@@ -327,6 +327,7 @@ def train_worker(config: ExperimentConfig | dict, ctx: WorkerContext, progress: 
         ctx.report(final, None)
         result["test"] = test
     result["model"] = model
+    result["val_cache"] = val_cache
     return result
 
 

@@ -33,11 +33,14 @@ def worker_loop(loop_config: dict) -> None:
     _quiet_train_reports()
     ctx = RayTrainContext(cpus_per_worker=loop_config["cpus_per_worker"])
     config = from_dict(loop_config["config"])
-    cache_paths = {split: cache_sync.ensure_on_node(path, loop_config["cache_node_id"])
-                   for split, path in loop_config["cache_paths"].items()}
+    cache_paths = None
+    if loop_config["cache_paths"]:
+        cache_paths = {split: cache_sync.ensure_on_node(path, loop_config["cache_node_id"])
+                       for split, path in loop_config["cache_paths"].items()}
     result = train_worker(config, ctx, progress=False, cache_paths=cache_paths)
     if ctx.is_chief:  # the run's storage is shared by every node, so the chief writes there directly
-        _write_artifacts(Path(loop_config["artifacts_dir"]), result, config, cache_paths)
+        val_cache = cache_paths["val"] if cache_paths else result.get("val_cache")
+        _write_artifacts(Path(loop_config["artifacts_dir"]), result, config, val_cache)
 
 
 def _quiet_train_reports() -> None:
@@ -52,7 +55,7 @@ def _quiet_train_reports() -> None:
             logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def _write_artifacts(directory: Path, result: dict, config, cache_paths: dict[str, str]) -> None:
+def _write_artifacts(directory: Path, result: dict, config, val_cache) -> None:
     """Best weights (a checkpoint `pipeline.evaluate` reads), the config, the learning curve and
     the belief maps per stage, for the driver to log to MLflow."""
     from .checkpoint import build_checkpoint, save_checkpoint
@@ -66,7 +69,7 @@ def _write_artifacts(directory: Path, result: dict, config, cache_paths: dict[st
     (directory / "config.yaml").write_text(config.to_yaml())
     try:  # a picture must never fail a finished run
         learning_curve_figure(result["history"], directory / "learning_curve.png")
-        belief_maps_figure_for_cache(model, cache_paths["val"], directory / "belief_maps_per_stage.png")
+        belief_maps_figure_for_cache(model, val_cache, directory / "belief_maps_per_stage.png")
     except Exception as exc:
         (directory / "figures_not_drawn.txt").write_text(f"{type(exc).__name__}: {exc}\n")
 
@@ -83,7 +86,8 @@ def run_trial(trial_config: dict, base_config: dict, plan: ResourcePlan, sweep_i
     trainer = TorchTrainer(
         worker_loop,
         train_loop_config={"config": spec.config.to_dict(), "cpus_per_worker": plan.cpus_per_worker,
-                           "cache_paths": cache_paths[spec.key], "cache_node_id": cache_node_id,
+                           # None when a searched value changes preprocessing: the workers build it.
+                           "cache_paths": cache_paths.get(spec.key), "cache_node_id": cache_node_id,
                            "artifacts_dir": artifacts_dir},
         scaling_config=ray.train.ScalingConfig(num_workers=plan.workers_per_trial, use_gpu=plan.use_gpu,
                                                resources_per_worker=resources),

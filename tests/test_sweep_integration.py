@@ -182,3 +182,20 @@ def test_killed_driver_resumes_without_duplicate_runs(tmp_path):
         assert epochs_logged(client, run.info.run_id) == list(range(1, EPOCHS + 1))
     sweeps = client.search_runs([runs[0].info.experiment_id], filter_string="tags.`cpm.run_kind` = 'sweep'")
     assert len(sweeps) == 1
+
+
+def test_random_search_with_asha_gives_each_sample_its_own_run(tmp_path):
+    # Two samples of a searched learning rate and sigma (sigma changes the cache: workers build it).
+    result = run_sweep(tmp_path, "--set", "sweep.search={train.lr: {loguniform: [1.0e-3, 5.0e-3]}, "
+                                          "preprocess.sigma: {uniform: [0.8, 1.2]}}",
+                       "--set", "sweep.num_samples=2", "--set", "sweep.scheduler=asha", "--set", "train.epochs=2")
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    client, runs = trial_runs(tmp_path)
+    assert len(runs) == 2
+    lrs = {float(r.data.params["train.lr"]) for r in runs}
+    sigmas = {float(r.data.params["preprocess.sigma"]) for r in runs}
+    assert len(lrs) == 2 and all(1e-3 <= lr <= 5e-3 for lr in lrs)
+    assert all(0.8 <= s <= 1.2 for s in sigmas)
+    for run in runs:
+        assert f"lr={float(run.data.params['train.lr']):g}" in run.info.run_name
+        assert run.info.status == "FINISHED" and epochs_logged(client, run.info.run_id)[0] == 1
