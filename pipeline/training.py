@@ -331,6 +331,9 @@ def train_worker(config: ExperimentConfig | dict, ctx: WorkerContext, progress: 
     return result
 
 
+TEST_CURVE_ALPHAS = [round(0.05 * i, 2) for i in range(11)]  # 0 to 0.5, a subset of PCK_CURVE_ALPHAS
+
+
 def score_test_split(model, config: ExperimentConfig, ctx: WorkerContext, flip_permutation, progress: bool,
                      cache_paths: dict | None = None) -> dict | None:
     """test_pck, test_pck_stage{t}, test_pck_{joint}, ... or None when the data has no test split."""
@@ -346,6 +349,9 @@ def score_test_split(model, config: ExperimentConfig, ctx: WorkerContext, flip_p
     out = summarize(counts, test_cache.joint_names, prefix="test_")
     out["test_num_samples"] = counts.num_samples
     out["test_num_without_norm"] = counts.num_without_norm
+    # A coarse PCK curve as metrics, so a report can draw it from MLflow alone.
+    for alpha in TEST_CURVE_ALPHAS:
+        out[f"test_pck_curve_a{alpha:.2f}"] = counts.mean(-1, alpha)
     return out
 
 
