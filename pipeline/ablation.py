@@ -1,16 +1,29 @@
-"""Ablation tables from a sweep's MLflow runs (read through the client API only)."""
+"""A sweep's trial runs read from MLflow (client API only), grouped by configuration over seeds."""
 
 from __future__ import annotations
 
 import math
+import re
 from collections import defaultdict
+from dataclasses import dataclass, field
 
 from mlflow import MlflowClient
 
 from . import tracking
 
-CONFIG_COLUMNS = ("stages", "receptive_field_px", "receptive_field_rel_person", "intermediate_supervision",
-                  "training_scheme")
+# The paper's ablation axes: a run without one of these cannot be placed in any table.
+REQUIRED_PARAMS = ("stages", "receptive_field_px", "intermediate_supervision", "training_scheme")
+# Settings that make two runs different configurations; seeds are pooled, everything else is shown.
+CONFIG_PARAMS = REQUIRED_PARAMS + ("receptive_field_rel_person", "kernel_size", "width", "input_size", "dataset")
+CURVE_PREFIX = "test_pck_curve_a"
+SCHEME_LABELS = {  # (training_scheme, intermediate_supervision) -> how the paper names it
+    ("joint", True): "joint, intermediate supervision",
+    ("joint", False): "joint, no intermediate supervision",
+    ("stagewise", True): "stage-wise", ("stagewise", False): "stage-wise",
+    ("stagewise_finetune", True): "stage-wise, then fine-tuned",
+    ("stagewise_finetune", False): "stage-wise, then fine-tuned",
+}
+_NOT_JOINTS = re.compile(r"^(stage\d+|0\.\d+|curve_.*)$")
 
 
 def collect_trial_runs(client: MlflowClient, experiment_id: str, parent_run_id: str | None = None) -> list[dict]:
@@ -31,70 +44,106 @@ def collect_trial_runs(client: MlflowClient, experiment_id: str, parent_run_id: 
         page_token = page.token
         if not page_token:
             break
+    runs.sort(key=lambda r: r["name"] or "")
     return runs
 
 
-def _score(run: dict, key: str = "pck") -> float:
-    """The run's validation PCK@0.2 at its best epoch (best_pck), else its last value."""
-    metrics = run["metrics"]
-    value = metrics.get(f"best_{key}", metrics.get(key))
-    return float(value) if value is not None else math.nan
+def missing_params(run: dict) -> list[str]:
+    return [p for p in REQUIRED_PARAMS if p not in run["params"]]
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    values = [v for v in values if not math.isnan(v)]
-    if not values:
-        return math.nan, math.nan
-    mean = sum(values) / len(values)
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
-    return mean, std
+def usable(run: dict) -> bool:
+    return run["status"] == "FINISHED" and not missing_params(run)
 
 
-def group_by_config(runs: list[dict]) -> list[dict]:
-    """Finished runs grouped by their configuration (seeds pooled): mean and spread of PCK."""
-    groups: dict[tuple, list[dict]] = defaultdict(list)
+def excluded_runs(runs: list[dict]) -> list[tuple[dict, str]]:
+    """Runs left out of the tables, each with why (so none is dropped silently)."""
+    out = []
     for run in runs:
         if run["status"] != "FINISHED":
-            continue
-        key = tuple(run["params"].get(c, "") for c in CONFIG_COLUMNS)
-        groups[key].append(run)
-    rows = []
-    for key, members in groups.items():
-        row = dict(zip(CONFIG_COLUMNS, key))
-        row["seeds"] = len(members)
-        row["pck_mean"], row["pck_std"] = _mean_std([_score(r) for r in members])
-        row["test_pck_mean"], _ = _mean_std([float(r["metrics"].get("test_pck", math.nan)) for r in members])
-        stages = int(row["stages"] or 0)
-        row["stage_pcks"] = [_mean_std([_score(r, f"pck_stage{t}") for r in members])[0] for t in range(1, stages + 1)]
-        rows.append(row)
-    rows.sort(key=lambda r: (r["training_scheme"], r["intermediate_supervision"], int(r["stages"] or 0),
-                             int(r["receptive_field_px"] or 0)))
-    return rows
+            cause = run["error"].splitlines()[0] if run["error"] else ""
+            out.append((run, run["status"] + (f": {cause}" if cause else "")))
+        elif missing_params(run):
+            out.append((run, "missing param(s) " + ", ".join(missing_params(run))))
+    return out
 
 
-def _pct(value: float) -> str:
-    return "-" if math.isnan(value) else f"{100 * value:.1f}"
+@dataclass
+class Stat:
+    """Mean and sample standard deviation over seeds (NaN values ignored)."""
+    mean: float
+    std: float
+    n: int
+
+    @classmethod
+    def of(cls, values: list[float]) -> "Stat":
+        values = [float(v) for v in values if v is not None and not math.isnan(float(v))]
+        if not values:
+            return cls(math.nan, math.nan, 0)
+        mean = sum(values) / len(values)
+        std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+        return cls(mean, std, len(values))
 
 
-def ablation_markdown(runs: list[dict]) -> str:
-    """PCK@0.2 (validation, best epoch, %) against stages and receptive field, plus unfinished runs."""
-    rows = group_by_config(runs)
-    lines = ["PCK@0.2 (%, validation, best epoch; mean ± std over seeds) against stages and receptive field",
-             "",
-             "| stages | RF (px) | RF / person | int. sup. | scheme | seeds | PCK@0.2 | test PCK@0.2 | per stage |",
-             "|---:|---:|---:|:---:|:---|---:|---:|---:|:---|"]
-    for r in rows:
-        spread = f" ± {_pct(r['pck_std'])}" if r["seeds"] > 1 else ""
-        per_stage = " / ".join(_pct(v) for v in r["stage_pcks"])
-        lines.append(f"| {r['stages']} | {r['receptive_field_px']} | {r['receptive_field_rel_person']} | "
-                     f"{'on' if r['intermediate_supervision'] == 'True' else 'off'} | {r['training_scheme']} | "
-                     f"{r['seeds']} | {_pct(r['pck_mean'])}{spread} | {_pct(r['test_pck_mean'])} | {per_stage} |")
-    unfinished = [r for r in runs if r["status"] != "FINISHED"]
-    if unfinished:
-        lines += ["", "Runs that did not finish (not in the table):", ""]
-        for r in unfinished:
-            cause = r["error"].splitlines()[0] if r["error"] else ""
-            lines.append(f"- {r['name']}: {r['status']}{' - ' + cause if cause else ''}")
-    if not runs:
-        lines += ["", "(no trial runs found)"]
-    return "\n".join(lines)
+@dataclass
+class ConfigGroup:
+    """The finished runs of one configuration (its seeds)."""
+    config: dict[str, str]
+    runs: list[dict] = field(default_factory=list)
+
+    @property
+    def stages(self) -> int:
+        return int(self.config["stages"])
+
+    @property
+    def rf_px(self) -> int:
+        return int(float(self.config["receptive_field_px"]))
+
+    @property
+    def supervised(self) -> bool:
+        return self.config["intermediate_supervision"] == "True"
+
+    @property
+    def scheme(self) -> str:
+        return self.config["training_scheme"]
+
+    def stat(self, key: str) -> Stat:
+        return Stat.of([r["metrics"].get(key, math.nan) for r in self.runs])
+
+    def val(self, key: str = "pck") -> Stat:
+        """Validation value at each run's best epoch (best_{key}), else its last value."""
+        return Stat.of([r["metrics"].get(f"best_{key}", r["metrics"].get(key, math.nan)) for r in self.runs])
+
+    def label(self) -> str:
+        return (f"T={self.stages} rf={self.rf_px}px is={'on' if self.supervised else 'off'}"
+                + ("" if self.scheme == "joint" else f" {self.scheme}"))
+
+
+def group_by_config(runs: list[dict]) -> list[ConfigGroup]:
+    """Usable runs grouped by configuration (seeds pooled), sorted by scheme, supervision, stages, RF."""
+    groups: dict[tuple, ConfigGroup] = {}
+    for run in filter(usable, runs):
+        key = tuple(run["params"].get(p, "") for p in CONFIG_PARAMS)
+        groups.setdefault(key, ConfigGroup(dict(zip(CONFIG_PARAMS, key)))).runs.append(run)
+    return sorted(groups.values(), key=lambda g: (g.scheme, not g.supervised, g.stages, g.rf_px))
+
+
+def varying_settings(groups: list[ConfigGroup]) -> list[str]:
+    """Non-axis settings that differ between groups (shown, so rows are not mistaken for one axis)."""
+    extra = [p for p in CONFIG_PARAMS if p not in REQUIRED_PARAMS and p != "receptive_field_rel_person"]
+    return [p for p in extra if len({g.config[p] for g in groups}) > 1]
+
+
+def joint_names(runs: list[dict]) -> list[str]:
+    """Joints named by the runs' pck_{joint} metrics."""
+    names: dict[str, None] = {}
+    for run in runs:
+        for key in run["metrics"]:
+            if key.startswith("pck_") and not _NOT_JOINTS.match(key[4:]):
+                names[key[4:]] = None
+    return list(names)
+
+
+def curve_alphas(runs: list[dict]) -> list[float]:
+    alphas = {float(k[len(CURVE_PREFIX):]) for r in runs for k in r["metrics"] if k.startswith(CURVE_PREFIX)}
+    return sorted(alphas)

@@ -1,0 +1,151 @@
+"""The report's figures (matplotlib, PNG): PCK in % against stages, receptive field, scheme, stage, alpha."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+from .ablation import CURVE_PREFIX, SCHEME_LABELS, ConfigGroup, Stat, curve_alphas  # noqa: E402
+
+PCK_AXIS = "PCK@0.2 (%, val, best epoch)"
+
+
+def _errorbar(ax, xs: list, stats: list[Stat], **kwargs) -> None:
+    ax.errorbar(xs, [100 * s.mean for s in stats], yerr=[100 * s.std for s in stats], capsize=3, marker="o",
+                **kwargs)
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _paper_supervised(groups: list[ConfigGroup]) -> list[ConfigGroup]:
+    return [g for g in groups if g.scheme == "joint" and g.supervised]
+
+
+def stages_figure(groups: list[ConfigGroup], joints: list[str], path: Path) -> Path:
+    """Left: mean PCK against stages, a line per receptive field. Right: per joint, at each depth's
+    largest receptive field."""
+    chosen = _paper_supervised(groups)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    by_rf: dict[int, list[ConfigGroup]] = defaultdict(list)
+    for g in chosen:
+        by_rf[g.rf_px].append(g)
+    for rf, members in sorted(by_rf.items()):
+        members.sort(key=lambda g: g.stages)
+        _errorbar(left, [g.stages for g in members], [g.val() for g in members], label=f"RF {rf} px")
+    widest = {}
+    for g in sorted(chosen, key=lambda g: (g.stages, g.rf_px)):
+        widest[g.stages] = g
+    depths = sorted(widest)
+    for joint in joints:
+        right.plot(depths, [100 * widest[t].val(f"pck_{joint}").mean for t in depths], marker=".", label=joint)
+    if depths:
+        right.plot(depths, [100 * widest[t].val().mean for t in depths], color="black", linewidth=2.5, label="mean")
+    for ax, title in ((left, "mean over joints (± std over seeds)"), (right, "per joint (widest RF per depth)")):
+        ax.set_xlabel("number of stages T")
+        ax.set_ylabel(PCK_AXIS)
+        ax.set_title(title)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.grid(alpha=0.3)
+        if ax.has_data():
+            ax.legend(fontsize=7, ncol=2)
+    return _save(fig, path)
+
+
+def receptive_field_figure(groups: list[ConfigGroup], path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    by_stages: dict[int, list[ConfigGroup]] = defaultdict(list)
+    for g in _paper_supervised(groups):
+        by_stages[g.stages].append(g)
+    for stages, members in sorted(by_stages.items()):
+        members.sort(key=lambda g: g.rf_px)
+        _errorbar(ax, [g.rf_px for g in members], [g.val() for g in members], label=f"T={stages}")
+    ax.set_xlabel("receptive field of the later stages (px of the input crop)")
+    ax.set_ylabel(PCK_AXIS)
+    ax.set_title("receptive-field ablation (± std over seeds)")
+    ax.grid(alpha=0.3)
+    if ax.has_data():
+        ax.legend()
+    return _save(fig, path)
+
+
+def supervision_figure(groups: list[ConfigGroup], path: Path) -> Path:
+    """Grouped bars: one group per (stages, RF), one bar per scheme / supervision setting."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    settings = sorted({(g.scheme, g.supervised) for g in groups}, key=lambda s: (s[0], not s[1]))
+    places = sorted({(g.stages, g.rf_px) for g in groups})
+    width = 0.8 / max(len(settings), 1)
+    for i, setting in enumerate(settings):
+        xs, stats = [], []
+        for j, place in enumerate(places):
+            for g in groups:
+                if (g.scheme, g.supervised) == setting and (g.stages, g.rf_px) == place:
+                    xs.append(j + (i - (len(settings) - 1) / 2) * width)
+                    stats.append(g.val())
+        ax.bar(xs, [100 * s.mean for s in stats], width, yerr=[100 * s.std for s in stats], capsize=3,
+               label=SCHEME_LABELS.get(setting, setting[0]))
+    ax.set_xticks(range(len(places)), [f"T={t}\nRF {rf} px" for t, rf in places])
+    ax.set_xlabel("configuration (stages, receptive field)")
+    ax.set_ylabel(PCK_AXIS)
+    ax.set_title("intermediate supervision and training schemes (± std over seeds)")
+    ax.grid(alpha=0.3, axis="y")
+    if settings:
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def stage_pck_figure(groups: list[ConfigGroup], path: Path) -> Path:
+    deepest = max((g.stages for g in groups), default=0)
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for g in (g for g in groups if g.stages == deepest):
+        stages = list(range(1, deepest + 1))
+        _errorbar(ax, stages, [g.val(f"pck_stage{t}") for t in stages], label=g.label())
+    ax.set_xlabel("stage t of the deepest model")
+    ax.set_ylabel(PCK_AXIS)
+    ax.set_title(f"PCK of every stage ({deepest}-stage models)")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.grid(alpha=0.3)
+    if ax.has_data():
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def pck_curves_figure(groups: list[ConfigGroup], path: Path) -> Path:
+    """Test PCK against alpha (0 to 0.5), a line per configuration (mean over seeds), AUC in the legend."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    alphas = curve_alphas([r for g in groups for r in g.runs])
+    for g in groups:
+        curve = [g.stat(f"{CURVE_PREFIX}{a:.2f}").mean for a in alphas]
+        if not alphas or all(math.isnan(v) for v in curve):
+            continue
+        auc = g.stat("test_auc").mean
+        ax.plot(alphas, [100 * v for v in curve], marker=".", label=f"{g.label()}  AUC {100 * auc:.1f}")
+    ax.set_xlabel("alpha (distance threshold, fraction of the torso size)")
+    ax.set_ylabel("PCK@alpha (%, test)")
+    ax.set_xlim(0, 0.5)
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    if ax.has_data():
+        ax.set_title("PCK curves (mean over seeds); AUC over alpha 0-0.5")
+        ax.legend(fontsize=7)
+    else:  # runs from before the curve was logged: say so rather than draw an empty plot silently
+        ax.set_title("no run logged test_pck_curve_a* metrics")
+    return _save(fig, path)
+
+
+def draw_figures(groups: list[ConfigGroup], joints: list[str], out_dir: Path) -> list[Path]:
+    return [stages_figure(groups, joints, out_dir / "ablation_stages.png"),
+            receptive_field_figure(groups, out_dir / "ablation_receptive_field.png"),
+            supervision_figure(groups, out_dir / "ablation_supervision.png"),
+            stage_pck_figure(groups, out_dir / "stage_pck.png"),
+            pck_curves_figure(groups, out_dir / "pck_curves.png")]
