@@ -22,3 +22,39 @@ def lspet_dir() -> Path:
     if not (LSPET_DIR / "joints.mat").is_file():
         pytest.fail(f"LSPET data not found at {LSPET_DIR}: place it at ../shared/data/lspet or set CPM_LSPET_DIR")
     return LSPET_DIR
+
+
+def kill_processes_mentioning(marker: str) -> int:
+    """SIGKILL every process whose command line contains `marker`; returns how many."""
+    import signal
+
+    killed = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if marker in cmdline:
+            try:
+                os.kill(int(entry.name), signal.SIGKILL)
+                killed += 1
+            except OSError:
+                pass
+    return killed
+
+
+@pytest.fixture
+def ray_tmpdir():
+    """A short temp dir for a test's own Ray cluster(s) (RAY_TMPDIR); every Ray process carries it
+    on its command line, so teardown stops exactly this test's clusters and no one else's."""
+    import shutil
+    import tempfile
+
+    path = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    try:
+        yield path
+    finally:
+        kill_processes_mentioning(path)
+        shutil.rmtree(path, ignore_errors=True)

@@ -44,7 +44,7 @@ def _counts_in_worker(loop_config: dict) -> None:
                                "num_samples": counts.num_samples, "world_size": ctx.world_size}))
 
 
-def test_two_workers_score_the_split_exactly_like_one(tmp_path):
+def test_two_workers_score_the_split_exactly_like_one(tmp_path, ray_tmpdir):
     overrides = OVERRIDES + [f"data.cache_dir={tmp_path / 'cache'}"]
     config = load_config(None, overrides)
     cache_path = build_cache(config.data.spec, "val", config.preprocess, config.data.cache_dir, progress=False)
@@ -59,7 +59,8 @@ def test_two_workers_score_the_split_exactly_like_one(tmp_path):
 
     # Workers import the project and this test module (the loop function is pickled by reference).
     path = os.pathsep.join([str(REPO), str(REPO / "tests")])
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": path}})
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=ray_tmpdir,
+             runtime_env={"env_vars": {"PYTHONPATH": path}})
     try:
         trainer = TorchTrainer(
             _counts_in_worker,

@@ -25,12 +25,12 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def two_node_cluster(tmp_path):
+def two_node_cluster(tmp_path, ray_tmpdir):
     port = free_port()
     # Ray turns on token authentication for a new cluster; every process that joins must send it.
-    env = dict(os.environ, PYTHONPATH=str(REPO), RAY_AUTH_MODE="token")
+    # RAY_TMPDIR: this test's clusters only, stopped by the ray_tmpdir fixture.
+    env = dict(os.environ, PYTHONPATH=str(REPO), RAY_AUTH_MODE="token", RAY_TMPDIR=ray_tmpdir)
     env.pop("RAY_ADDRESS", None)
-    subprocess.run(["ray", "stop", "--force"], capture_output=True, timeout=60)
     head = ["ray", "start", "--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=false",
             "--disable-usage-stats"]
     subprocess.run(head, env=env, check=True, capture_output=True, timeout=120)
@@ -38,15 +38,12 @@ def two_node_cluster(tmp_path):
     worker_env = dict(env, CPM_LOCAL_CACHE_DIR=str(node_cache))
     subprocess.run(["ray", "start", f"--address=127.0.0.1:{port}", "--num-cpus=1", "--disable-usage-stats"],
                    env=worker_env, check=True, capture_output=True, timeout=120)
-    try:
-        yield f"127.0.0.1:{port}", node_cache
-    finally:
-        subprocess.run(["ray", "stop", "--force"], capture_output=True, timeout=120)
+    yield f"127.0.0.1:{port}", node_cache, ray_tmpdir
 
 
 def test_sweep_runs_on_two_nodes_and_the_cache_reaches_the_second(tmp_path, two_node_cluster):
-    address, node_cache = two_node_cluster
-    env = dict(os.environ, RAY_ADDRESS=address, RAY_AUTH_MODE="token", PYTHONUNBUFFERED="1")
+    address, node_cache, ray_tmpdir = two_node_cluster
+    env = dict(os.environ, RAY_ADDRESS=address, RAY_AUTH_MODE="token", RAY_TMPDIR=ray_tmpdir, PYTHONUNBUFFERED="1")
     command = [sys.executable, str(REPO / "pipeline" / "sweep.py"), "--config", str(REPO / "configs" / "synthetic_tiny.yaml"),
                "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--storage-path", str(tmp_path / "ray"),
                "--set", f"data.cache_dir={tmp_path / 'cache'}", "--set", "data.spec=synthetic:300",

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import kill_processes_mentioning
 from mlflow import MlflowClient
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -28,16 +29,17 @@ def sweep_command(tmp: Path, *extra: str) -> list[str]:
             "--set", f"train.epochs={EPOCHS}", "--set", "tracking.experiment=test-sweep", *extra]
 
 
-def sweep_env() -> dict:
+def sweep_env(ray_tmpdir: str) -> dict:
     env = dict(os.environ)
-    env.pop("RAY_ADDRESS", None)  # each test's driver starts its own local cluster
+    env.pop("RAY_ADDRESS", None)  # each test's driver starts its own local cluster, in its own temp dir
+    env["RAY_TMPDIR"] = ray_tmpdir
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
 
-def run_sweep(tmp: Path, *extra: str, timeout: float = 400) -> subprocess.CompletedProcess:
-    return subprocess.run(sweep_command(tmp, *extra), cwd=tmp, env=sweep_env(), capture_output=True, text=True,
-                          timeout=timeout)
+def run_sweep(tmp: Path, ray_tmpdir: str, *extra: str, timeout: float = 400) -> subprocess.CompletedProcess:
+    return subprocess.run(sweep_command(tmp, *extra), cwd=tmp, env=sweep_env(ray_tmpdir), capture_output=True,
+                          text=True, timeout=timeout)
 
 
 def trial_runs(tmp: Path) -> tuple[MlflowClient, list]:
@@ -51,9 +53,9 @@ def epochs_logged(client: MlflowClient, run_id: str) -> list[int]:
     return sorted(m.step for m in client.get_metric_history(run_id, "pck"))
 
 
-def test_sweep_tracks_every_trial_and_survives_a_failing_one(tmp_path):
+def test_sweep_tracks_every_trial_and_survives_a_failing_one(tmp_path, ray_tmpdir):
     # The third trial cannot fit: its batch is larger than the training split.
-    result = run_sweep(tmp_path, "--set", "sweep.variants=[{model.stages: 1}, {model.stages: 3}, "
+    result = run_sweep(tmp_path, ray_tmpdir, "--set", "sweep.variants=[{model.stages: 1}, {model.stages: 3}, "
                                           "{model.stages: 2, train.batch_size: 100000}]")
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
@@ -119,6 +121,13 @@ def processes_named(fragment: str) -> list[int]:
     return pids
 
 
+def parent_pid(pid: int) -> int | None:
+    try:
+        return int((Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def _wait_for(predicate, timeout: float, what: str, proc=None):
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -132,13 +141,15 @@ def _wait_for(predicate, timeout: float, what: str, proc=None):
     pytest.fail(f"timed out waiting for {what}")
 
 
-def test_killed_worker_resumes_from_its_checkpoint_in_the_same_run(tmp_path):
-    proc = subprocess.Popen(sweep_command(tmp_path, "--set", "train.epochs=6"), cwd=tmp_path, env=sweep_env(),
+def test_killed_worker_resumes_from_its_checkpoint_in_the_same_run(tmp_path, ray_tmpdir):
+    proc = subprocess.Popen(sweep_command(tmp_path, "--set", "train.epochs=6"), cwd=tmp_path, env=sweep_env(ray_tmpdir),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         _wait_for(lambda: any(r.get("epoch") == 2 and "train_loss" in r for r in _result_rows(tmp_path / "ray")),
                   240, "epoch 2", proc)
-        workers = processes_named("RayTrainWorker")
+        # Ray Train workers of this test's cluster: children of a raylet started under ray_tmpdir.
+        raylets = set(processes_named(ray_tmpdir))
+        workers = [pid for pid in processes_named("RayTrainWorker") if parent_pid(pid) in raylets]
         assert workers, "no Ray Train worker process found"
         for pid in workers:
             os.kill(pid, signal.SIGKILL)
@@ -155,9 +166,9 @@ def test_killed_worker_resumes_from_its_checkpoint_in_the_same_run(tmp_path):
     assert epochs_logged(client, runs[0].info.run_id) == list(range(1, 7))
 
 
-def test_killed_driver_resumes_without_duplicate_runs(tmp_path):
+def test_killed_driver_resumes_without_duplicate_runs(tmp_path, ray_tmpdir):
     grid = "sweep.grid={model.stages: [1, 2, 3]}"
-    env = sweep_env()
+    env = sweep_env(ray_tmpdir)
     proc = subprocess.Popen(sweep_command(tmp_path, "--set", grid, "--set", "sweep.max_concurrent_trials=1"),
                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
@@ -170,9 +181,9 @@ def test_killed_driver_resumes_without_duplicate_runs(tmp_path):
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    subprocess.run(["ray", "stop", "--force"], capture_output=True, timeout=60)
+    kill_processes_mentioning(ray_tmpdir)  # the cluster the dead driver started
 
-    resumed = run_sweep(tmp_path, "--set", grid, "--set", "sweep.max_concurrent_trials=1", "--resume")
+    resumed = run_sweep(tmp_path, ray_tmpdir, "--set", grid, "--set", "sweep.max_concurrent_trials=1", "--resume")
     assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]
     client, runs = trial_runs(tmp_path)
     names = sorted(r.info.run_name for r in runs)
@@ -184,9 +195,9 @@ def test_killed_driver_resumes_without_duplicate_runs(tmp_path):
     assert len(sweeps) == 1
 
 
-def test_random_search_with_asha_gives_each_sample_its_own_run(tmp_path):
+def test_random_search_with_asha_gives_each_sample_its_own_run(tmp_path, ray_tmpdir):
     # Two samples of a searched learning rate and sigma (sigma changes the cache: workers build it).
-    result = run_sweep(tmp_path, "--set", "sweep.search={train.lr: {loguniform: [1.0e-3, 5.0e-3]}, "
+    result = run_sweep(tmp_path, ray_tmpdir, "--set", "sweep.search={train.lr: {loguniform: [1.0e-3, 5.0e-3]}, "
                                           "preprocess.sigma: {uniform: [0.8, 1.2]}}",
                        "--set", "sweep.num_samples=2", "--set", "sweep.scheduler=asha", "--set", "train.epochs=2")
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
