@@ -159,7 +159,6 @@ def receptive_field_table(groups: list[ConfigGroup]) -> Table:
     for g in sorted(chosen, key=lambda g: (g.rf_px, g.stages)):
         table.rows.append([g.rf_px, g.config["receptive_field_rel_person"], g.config["kernel_size"], g.stages,
                            *extra_of(g), len(g.runs), g.val(), g.stat("test_pck"), g.stat("test_auc")])
-    table.notes.append(PAPER_NOTE)
     return table
 
 
@@ -175,7 +174,6 @@ def supervision_table(groups: list[ConfigGroup]) -> Table:
         table.rows.append([g.stages, g.rf_px, SCHEME_LABELS.get((g.scheme, g.supervised), g.scheme),
                            "on" if g.supervised else "off", *extra_of(g), len(g.runs), g.val(),
                            g.stat("test_pck"), g.val("pck_stage1")])
-    table.notes.append(PAPER_NOTE)
     return table
 
 

@@ -174,13 +174,30 @@ def run_sweep(config: ExperimentConfig, trials: list[TrialSpec], resume: str | N
     results = tuner.fit()
 
     failed = [str(r.error).splitlines()[0][:200] if r.error else "" for r in results if r.error]
-    from .ablation import ablation_markdown, collect_trial_runs
-
-    runs = collect_trial_runs(client, experiment_id, parent_run_id)
-    table = ablation_markdown(runs)
+    table = _report_to_parent_run(client, experiment_id, parent_run_id)
     print("\n" + table, flush=True)
     tracking.set_tags(client, parent_run_id, {"cpm.failed_trials": str(len(failed))})
-    client.log_text(parent_run_id, table, "ablation_table.md")
     client.set_terminated(parent_run_id, status="FINISHED")
     return SweepOutcome(sweep_id, parent_run_id, completed=not failed or len(failed) < len(results),
                         failed_trials=failed, table=table)
+
+
+def _report_to_parent_run(client: MlflowClient, experiment_id: str, parent_run_id: str) -> str:
+    """The full report (pipeline.report) as artifacts of the sweep's run; returns the stage / RF
+    table to print. A report that cannot be built must not fail a finished sweep."""
+    import tempfile
+
+    from .ablation import collect_trial_runs
+    from .report import ReportError, build_report, to_markdown
+
+    runs = collect_trial_runs(client, experiment_id, parent_run_id)
+    with tempfile.TemporaryDirectory(prefix="cpm-report-") as tmp:
+        try:
+            report = build_report(runs, Path(tmp))
+        except ReportError as exc:
+            return f"No ablation report: {exc}"
+        except Exception as exc:  # a figure or store hiccup: say so, keep the sweep's result
+            return f"No ablation report ({type(exc).__name__}: {exc})"
+        client.log_artifacts(parent_run_id, tmp, "report")
+        stages, receptive_field = report.tables[:2]
+        return to_markdown(stages, []) + "\n" + to_markdown(receptive_field, report.excluded)
