@@ -158,7 +158,7 @@ def test_trial_runs_nested_under_the_sweep_in_the_ui(mlflow_server, tmp_path):
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1600, "height": 800})
+            page = browser.new_page(viewport={"width": 1920, "height": 800})
             # The runs table of the experiment (the bare experiment URL may open another tab first).
             page.goto(f"{mlflow_server}/#/experiments/{experiment_id}/runs", wait_until="domcontentloaded")
             parent_cell = page.locator('[role="gridcell"]', has_text=parent_name)
@@ -166,11 +166,18 @@ def test_trial_runs_nested_under_the_sweep_in_the_ui(mlflow_server, tmp_path):
             page.screenshot(path=str(tmp_path / "runs_collapsed.png"))
             for name in trial_names:  # nested: hidden until the parent row is expanded
                 assert not page.get_by_text(name, exact=True).is_visible()
+            # Comparable: the same metric and params are columns for every run.
+            page.get_by_role("button", name="Columns").click()
+            for column in ("pck", "stages", "receptive_field_px"):
+                page.get_by_text(column, exact=True).first.click()
+            page.keyboard.press("Escape")
+            page.locator('.ag-header-cell[col-id="metrics.`pck`"]').wait_for(timeout=10_000)
+
             parent_cell.locator("button").first.click()  # the expander beside the parent's name
             for name in trial_names:
                 page.get_by_text(name, exact=True).wait_for(state="visible", timeout=30_000)
 
-            _best_effort(lambda: page.get_by_role("button", name="Close").first.click(timeout=2000))
+            _best_effort(lambda: page.get_by_role("button", name="Close").first.click(timeout=2000))  # side panel
             _best_effort(lambda: _widen_run_name_column(page))
             page.wait_for_timeout(500)
             shot = tmp_path / "mlflow_ui_nested_runs.png"
@@ -183,9 +190,12 @@ def test_trial_runs_nested_under_the_sweep_in_the_ui(mlflow_server, tmp_path):
 
 def _widen_run_name_column(page) -> None:
     """So the screenshot shows whole run names (the configuration), not ellipses."""
-    handle = page.locator('.ag-header-cell[col-id="attributes.`Run Name`"] .ag-header-cell-resize').first
-    box = handle.bounding_box(timeout=2000)
-    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    header = page.locator('.ag-header-cell[col-id="attributes.`Run Name`"]').first
+    header.hover()
+    box = header.bounding_box(timeout=2000)
+    x, y = box["x"] + box["width"] - 2, box["y"] + box["height"] / 2  # the column's resize handle
+    page.mouse.move(x, y)
     page.mouse.down()
-    page.mouse.move(box["x"] + 160, box["y"] + box["height"] / 2, steps=5)
+    page.mouse.move(x + 80, y, steps=8)
+    page.mouse.move(x + 130, y, steps=8)
     page.mouse.up()
