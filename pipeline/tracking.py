@@ -84,7 +84,9 @@ def get_or_create_experiment(client: MlflowClient, name: str) -> str:
     artifact_location = artifact_root_for(client.tracking_uri)
     if artifact_location:
         artifact_location = f"{artifact_location}/{name}"
-    return client.create_experiment(name, artifact_location=artifact_location)
+    # Open in the UI's model-training view (runs table), not the GenAI view MLflow 3 defaults to.
+    return client.create_experiment(name, artifact_location=artifact_location,
+                                    tags={"mlflow.experimentKind": "custom_model_development"})
 
 
 def find_run(client: MlflowClient, experiment_id: str, tags: dict[str, str]):
