@@ -11,7 +11,7 @@ export RAY_AUTH_MODE ?= token
 SWEEP_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install sweep test cluster-up cluster-down
+.PHONY: install browser sweep test cluster-up cluster-down
 
 install: $(STAMP)
 
@@ -30,5 +30,9 @@ cluster-down:
 sweep: cluster-up
 	RAY_ADDRESS=$(RAY_DASHBOARD) ray job submit -- $(PYTHON) pipeline/sweep.py $(SWEEP_ARGS)
 
-test: install
+# The MLflow UI test drives Debian's chromium (browsers cannot be downloaded by the test tools).
+browser:
+	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
+
+test: install browser
 	$(PYTHON) -m pytest -q --durations=20 $(PYTEST_ARGS)
