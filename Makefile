@@ -32,7 +32,7 @@ sweep: cluster-up
 
 # The MLflow UI test drives Debian's chromium (browsers cannot be downloaded by the test tools).
 browser:
-	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
+	@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
 
 test: install browser
 	$(PYTHON) -m pytest -q --durations=20 $(PYTEST_ARGS)
