@@ -129,9 +129,9 @@ def warp(tensor: torch.Tensor, affines: torch.Tensor, out_size: int, mode: str =
     theta = theta[:, :2].to(device=tensor.device, dtype=torch.float32)
     grid = F.affine_grid(theta, [batch, channels, out_size, out_size], align_corners=False)
     warped = F.grid_sample(tensor.float(), grid, mode=mode, padding_mode="zeros", align_corners=False)
-    identity = is_identity(affines.to(torch.float64), in_size, out_size).to(tensor.device)
+    identity = is_identity(affines.to(torch.float64), in_size, out_size)  # on the CPU: no device sync
     if identity.any():
-        warped = torch.where(identity[:, None, None, None], tensor.float(), warped)
+        warped = torch.where(identity.to(tensor.device)[:, None, None, None], tensor.float(), warped)
     return warped
 
 

@@ -89,6 +89,9 @@ class TrainConfig:
     init_weights: str | None = None  # a local state-dict file (e.g. ImageNet VGG weights)
     max_steps_per_epoch: int | None = None
     eval_flip: bool = False
+    # torch.compile the training step's model (compiled once per training phase, reused every
+    # epoch); off by default: compilation costs tens of seconds and pays only on long GPU runs.
+    compile: bool = False
 
 
 @dataclass

@@ -8,13 +8,16 @@
 - A background thread reads the next batch (sorted indices: h5py reads increasing indices
   best) while the model computes on the current one; on CUDA the tensors are pinned and copied
   with non_blocking=True.
+- An optional `prepare` step (training: augmentation and target rendering) runs on each batch in
+  order. On a CPU device it runs in the reader thread, off the training step's critical path; on
+  an accelerator it runs in the consuming thread, where its kernels queue asynchronously anyway.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -81,13 +84,17 @@ class CacheBatches:
     """
 
     def __init__(self, cache, rows: np.ndarray, batches: Sequence[np.ndarray], device: torch.device,
-                 keys: Sequence[str] | None = None, prefetch: int = 2):
+                 keys: Sequence[str] | None = None, prefetch: int = 2,
+                 prepare: Callable[[dict], dict] | None = None):
         self.cache = cache
         self.rows = np.asarray(rows, dtype=np.int64)
         self.batches = list(batches)
         self.device = torch.device(device)
         self.keys = tuple(keys) if keys is not None else None
         self.prefetch = max(1, prefetch)
+        self.prepare = prepare
+        # Batches are prepared in order either way, so a seeded `prepare` draws the same numbers.
+        self.prepare_in_reader = prepare is not None and self.device.type == "cpu"
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -97,6 +104,10 @@ class CacheBatches:
         arrays = self.cache.read(indices, keys=self.keys) if self.keys else self.cache.read(indices)
         arrays["index"] = indices
         return _to_tensors(arrays, pin=self.device.type == "cuda")
+
+    def _ready(self, item: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        batch = to_device(item, self.device)
+        return self.prepare(batch) if self.prepare is not None else batch
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         done = object()
@@ -108,7 +119,8 @@ class CacheBatches:
                 for positions in self.batches:
                     if stop.is_set():
                         return
-                    slots.put(self._read(positions))
+                    item = self._read(positions)
+                    slots.put(self._ready(item) if self.prepare_in_reader else item)
                 slots.put(done)
             except BaseException as exc:  # noqa: BLE001 - handed to the consuming thread
                 slots.put(exc)
@@ -122,7 +134,7 @@ class CacheBatches:
                     break
                 if isinstance(item, BaseException):
                     raise item
-                yield to_device(item, self.device)
+                yield item if self.prepare_in_reader else self._ready(item)
         finally:
             stop.set()
             while thread.is_alive():  # unblock a reader waiting on a full queue

@@ -119,6 +119,13 @@ def make_optimizer(model: torch.nn.Module, train) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=train.lr, weight_decay=train.weight_decay)
 
 
+def compiled_for_training(model: torch.nn.Module, compile_model: bool) -> torch.nn.Module:
+    """The module the training step calls: torch.compile'd when asked, else the model itself.
+    Callers keep the result for as long as the wrapping stays the same, so compilation happens once
+    per phase rather than every epoch (torch.compile's cache is per module object)."""
+    return torch.compile(model) if compile_model else model
+
+
 def set_trainable_stage(model, stage: int | None) -> None:
     """Phase setup: stage None trains everything; stage t trains only stage t's parameters (earlier
     stages frozen: no gradient, BatchNorm statistics fixed; later stages unused by the loss)."""
@@ -175,18 +182,50 @@ def flip_permutation_of(cache) -> list[int]:
     return permutation
 
 
+def training_augmenter(config: ExperimentConfig, generator: torch.Generator, flip_permutation):
+    """The per-batch `prepare` step of training: augment, render targets from the warped joints.
+    Batches must go through it in order (the generator's stream is the epoch's augmentation)."""
+    settings = AugmentSettings.from_train_config(config.train)
+
+    def prepare(batch: dict) -> dict:
+        images, targets, joints = random_augment(batch["images"], batch["joints"], settings, generator,
+                                                 flip_permutation, config.preprocess.sigma)
+        return {**batch, "images": images, "targets": targets, "joints": joints}
+
+    return prepare
+
+
+def epoch_batches(cache, config: ExperimentConfig, rank: int, world_size: int, epoch: int, flip_permutation,
+                  device) -> CacheBatches:
+    """This rank's training batches of one epoch, augmented (when configured) by the loader."""
+    t = config.train
+    positions = train_batches(len(cache), t.batch_size, rank, world_size, t.seed, epoch, t.max_steps_per_epoch)
+    generator = torch.Generator().manual_seed(derived_seed(t.seed, rank, epoch))
+    prepare = training_augmenter(config, generator, flip_permutation) if t.augment else None
+    return CacheBatches(cache, np.arange(len(cache)), positions, device,
+                        keys=TRAIN_KEYS if not t.augment else ("images", "joints"), prepare=prepare)
+
+
 # --- one epoch ----------------------------------------------------------------------------------
 
 def train_one_epoch(model, optimizer, scheduler, batches, config: ExperimentConfig, stage: int | None,
                     generator: torch.Generator, flip_permutation, device) -> dict:
-    """One pass over this rank's batches; returns summed losses and counts (not yet reduced)."""
+    """One pass over this rank's batches; returns summed losses and counts (not yet reduced).
+
+    Batches that carry "targets" were augmented by the loader (epoch_batches); others are
+    augmented here with `generator` (or use the cached maps without augmentation)."""
     t = config.train
     settings = AugmentSettings.from_train_config(t)
     num_stages = config.model.stages
-    loss_sum, stage_loss_sum, steps, images_seen = 0.0, np.zeros(num_stages), 0, 0
+    # Sums stay on the device in float64 (what float() summed on the host): no sync per step.
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    stage_loss_sum = torch.zeros(num_stages, dtype=torch.float64, device=device)
+    steps, images_seen = 0, 0
     for batch in batches:
         images, joints = batch["images"], batch["joints"]
-        if t.augment:
+        if "targets" in batch:
+            targets = batch["targets"]
+        elif t.augment:
             images, targets, joints = random_augment(images, joints, settings, generator, flip_permutation,
                                                      config.preprocess.sigma)
         else:
@@ -201,11 +240,12 @@ def train_one_epoch(model, optimizer, scheduler, batches, config: ExperimentConf
         loss.backward()
         optimizer.step()
         scheduler.step()
-        loss_sum += float(loss.detach())
-        stage_loss_sum += per_stage.cpu().numpy()
+        loss_sum += loss.detach().double()
+        stage_loss_sum += per_stage.double()
         steps += 1
         images_seen += images.shape[0]
-    return {"loss_sum": loss_sum, "stage_loss_sum": stage_loss_sum, "steps": steps, "images": images_seen}
+    return {"loss_sum": float(loss_sum), "stage_loss_sum": stage_loss_sum.cpu().numpy(), "steps": steps,
+            "images": images_seen}
 
 
 def validate(model, cache, config: ExperimentConfig, ctx: WorkerContext, batch_size: int,
@@ -277,17 +317,13 @@ def train_worker(config: ExperimentConfig | dict, ctx: WorkerContext, progress: 
         phase = phase_of_epoch(phases, epoch)
         if phase.stage != current_stage:  # (re)wrap so DDP sees exactly the trainable parameters
             set_trainable_stage(model, phase.stage)
-            train_model = ctx.wrap_model(model)
+            train_model = compiled_for_training(ctx.wrap_model(model), t.compile)
             current_stage = phase.stage
         else:
             set_trainable_stage(model, phase.stage)
         epoch_start = time.perf_counter()
-        generator = torch.Generator().manual_seed(derived_seed(t.seed, ctx.rank, epoch))
-        positions = train_batches(num_train, t.batch_size, ctx.rank, ctx.world_size, t.seed, epoch,
-                                  t.max_steps_per_epoch)
-        batches = CacheBatches(train_cache, np.arange(num_train), positions, device,
-                               keys=TRAIN_KEYS if not t.augment else ("images", "joints"))
-        sums = train_one_epoch(train_model, optimizer, scheduler, batches, config, phase.stage, generator,
+        batches = epoch_batches(train_cache, config, ctx.rank, ctx.world_size, epoch, flip_permutation, device)
+        sums = train_one_epoch(train_model, optimizer, scheduler, batches, config, phase.stage, None,
                                flip_permutation, device)
         train_time = time.perf_counter() - epoch_start
         reduced = ctx.all_reduce_sum(np.concatenate([[sums["loss_sum"], sums["steps"], sums["images"]],
