@@ -1,0 +1,257 @@
+"""The speed benchmarks in one entry point; every figure is a ratio against a baseline of the same run.
+
+    python bench/run.py [--quick] [--json FILE] [--device cpu|cuda] [--parts ...]
+
+Parts (default: all that the device allows):
+  overhead     the worker loop's training throughput (cache, augmentation, model, loss, optimizer)
+               against the model alone on random tensors already on the device (`pipeline_overhead`),
+               on the reference config; plus the optimised step (bf16 autocast + channels_last) against
+               plain fp32, torch.compile against eager, FLOPs per image and achieved TFLOP/s
+  paper        (cuda) the same for the paper's 6-stage model at 368 px, batch 32
+  read         cache read + augmentation + target rendering (samples/s) against decoding, cropping
+               and rendering on the fly (LSPET at 128 px)
+  memory       peak RSS of a training worker process on a cache of 1,000 samples and on the full
+               train split (one subprocess each)
+  distributed  per-trial overhead of a sweep and images/s with 1 and 2 workers (bench_distributed;
+               needs Ray and MLflow; not in --quick)
+The JSON holds one object per figure: name, value, unit, baseline, ratio (plus what was measured).
+Caches go to a temporary directory outside the repository, deleted at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(BENCH))
+
+import speed  # noqa: E402
+from cpm_model.config import load_config  # noqa: E402
+from pipeline.evaluate import use_bf16  # noqa: E402
+
+# The CPU reference config: the default preset's network (3 stages, width 0.25, 64 px, batch 16) on
+# its synthetic data, with its own precision choice (auto = bf16 autocast on a CPU).
+REFERENCE_PRESET = "configs/default.yaml"
+# The paper's Fig. 2 network at its own size (the DESIGN.md anchors).
+PAPER_OVERRIDES = ["preprocess.input_size=368", "model.stages=6", "train.batch_size=32", "train.optimizer=sgd",
+                   "train.lr=8e-5", "train.loss_reduction=sum", "data.spec=synthetic:320"]
+LSPET = REPO.parent / "shared" / "data" / "lspet"
+
+
+def figure(name: str, value: float, unit: str, baseline: float | None = None, **extra) -> dict:
+    ratio = value / baseline if baseline else None
+    return {"name": name, "value": value, "unit": unit, "baseline": baseline, "ratio": ratio, **extra}
+
+
+def report(figures: list[dict], item: dict) -> None:
+    figures.append(item)
+    ratio = f"  ratio {item['ratio']:.3f}" if item["ratio"] is not None else ""
+    base = f"  baseline {item['baseline']:.4g}" if item["baseline"] is not None else ""
+    print(f"{item['name']:<28} {item['value']:.4g} {item['unit']}{base}{ratio}", flush=True)
+
+
+def train_cache(config, cache_dir: Path):
+    from preprocessing.build import build_cache
+    from preprocessing.cache import PoseCache
+
+    return PoseCache(build_cache(config.data.spec, "train", config.preprocess, cache_dir, progress=False))
+
+
+def step_figures(figures: list[dict], label: str, config, cache, device: torch.device, args,
+                 compare_compile: bool) -> None:
+    """pipeline_overhead, optimised vs plain, compile vs eager, FLOPs, TFLOP/s for one config."""
+    steps, warmup, repeats = (12, 3, 3) if args.quick else (30, 5, 5)
+    if args.cpu_smoke:
+        steps, warmup, repeats = 2, 1, 1
+    precision = "bf16" if use_bf16(config.train.precision, device) else "fp32"  # what the loop would use
+    optimised = speed.StepSetup(precision, channels_last=True)
+    plain = speed.StepSetup("fp32", channels_last=False)
+    # One state per setup, reused by every repeat, so warm-up (and compilation) is paid once.
+    state = speed.build_training_state(speed.config_with(config, optimised), device, optimised, 10**6)
+    model_alone, pipeline = speed.interleaved_ratio(
+        lambda: speed.time_model_alone(config, device, optimised, steps, warmup, state),
+        lambda: speed.time_pipeline(config, cache, device, optimised, steps, warmup, state), repeats)
+    common = {"config": label, "setup": optimised.label, "device": str(device), "steps": steps, "repeats": repeats}
+    report(figures, figure("pipeline_overhead" + args.suffix(label), pipeline, "images/s", model_alone,
+                           measured="worker loop (train_one_epoch over the cache) vs model alone", **common))
+    if device.type == "cpu" and not args.cpu_smoke:  # the loop before augmentation moved to the loader
+        model_alone_b, in_loop = speed.interleaved_ratio(
+            lambda: speed.time_model_alone(config, device, optimised, steps, warmup, state),
+            lambda: speed.time_pipeline(config, cache, device, optimised, steps, warmup, state,
+                                        augment_in_loader=False), repeats)
+        report(figures, figure("pipeline_overhead_in_loop_augmentation" + args.suffix(label), in_loop, "images/s",
+                               model_alone_b, measured="as pipeline_overhead, augmentation inside the step "
+                                                       "(the loop before this change)", **common))
+    plain_state = speed.build_training_state(config, device, plain, 10**6)
+    plain_speed, optimised_speed = speed.interleaved_ratio(
+        lambda: speed.time_model_alone(config, device, plain, steps, warmup, plain_state),
+        lambda: speed.time_model_alone(config, device, optimised, steps, warmup, state), repeats)
+    report(figures, figure("optimised_vs_plain" + args.suffix(label), optimised_speed, "images/s", plain_speed,
+                           measured=f"model alone, {optimised.label} vs fp32", **common))
+    if compare_compile:
+        compiled = replace(optimised, compile=True)
+        start = time.perf_counter()
+        compiled_state = speed.build_training_state(speed.config_with(config, compiled), device, compiled, 10**6)
+        speed.time_model_alone(config, device, compiled, 1, 2, compiled_state)  # compiles
+        compile_s = time.perf_counter() - start
+        eager_speed, compiled_speed = speed.interleaved_ratio(
+            lambda: speed.time_model_alone(config, device, optimised, steps, warmup, state),
+            lambda: speed.time_model_alone(config, device, compiled, steps, warmup, compiled_state), repeats)
+        report(figures, figure("compile_vs_eager" + args.suffix(label), compiled_speed, "images/s", eager_speed,
+                               measured=f"model alone, {compiled.label} vs {optimised.label}",
+                               compile_s=compile_s, **common))
+    flops = speed.flops_per_image(config, device)
+    report(figures, figure("flops_per_image" + args.suffix(label), flops / 1e9, "GFLOP", None,
+                           measured="forward + backward, torch.utils.flop_counter", config=label))
+    report(figures, figure("achieved_tflops" + args.suffix(label), flops * optimised_speed / 1e12, "TFLOP/s",
+                           None, measured=f"model alone, {optimised.label}", config=label))
+    report(figures, figure("pipeline_tflops" + args.suffix(label), flops * pipeline / 1e12, "TFLOP/s",
+                           None, measured=f"worker loop, {optimised.label}", config=label))
+
+
+def part_overhead(figures, args, tmp: Path) -> None:
+    device = torch.device(args.device)
+    overrides = [f"data.cache_dir={tmp / 'cache'}"]
+    if args.cpu_smoke:
+        overrides += ["data.spec=synthetic:200"]
+    config = load_config(str(REPO / REFERENCE_PRESET), overrides)
+    cache = train_cache(config, tmp / "cache")
+    step_figures(figures, "default preset (3 stages, 64 px, batch 16)", config, cache, device, args,
+                 compare_compile=args.compile and not args.quick)
+
+
+def part_paper(figures, args, tmp: Path) -> None:
+    device = torch.device(args.device)
+    overrides = PAPER_OVERRIDES + [f"data.cache_dir={tmp / 'cache'}"]
+    if args.cpu_smoke:  # the same code path at a size a CPU runs in seconds
+        overrides += ["preprocess.input_size=64", "model.stages=2", "model.width=0.125", "train.batch_size=4",
+                      "data.spec=synthetic:100"]
+    config = load_config(None, overrides)
+    cache = train_cache(config, tmp / "cache")
+    step_figures(figures, "paper Fig. 2 (6 stages, 368 px, batch 32)", config, cache, device, args,
+                 compare_compile=args.compile)
+
+
+def part_read(figures, args, tmp: Path) -> None:
+    from bench_preprocessing import random_batches
+    from cpm_model.config import PreprocessConfig
+    from pipeline.data import _to_tensors, to_device
+    from pipeline.training import flip_permutation_of, training_augmenter
+    from preprocessing.build import build_cache, preprocess_sample
+    from preprocessing.cache import PoseCache
+    from preprocessing.spec import parse_data_spec
+
+    spec, size = f"lspet:{LSPET}", 128
+    path = build_cache(spec, "train", PreprocessConfig(input_size=size), tmp / "read", progress=False,
+                       max_samples=1000)
+    cache, dataset = PoseCache(path), parse_data_spec(spec)
+    config = load_config(str(REPO / "configs" / "lspet_cpu.yaml"), [f"preprocess.input_size={size}"])
+    prepare = training_augmenter(config, torch.Generator().manual_seed(0), flip_permutation_of(cache))
+    plan = random_batches(len(cache), 4 if args.quick else 20, seed=2)
+    start = time.perf_counter()
+    for indices in plan:
+        arrays = cache.read(indices, keys=("images", "joints"))
+        prepare(to_device(_to_tensors(arrays, pin=False), torch.device("cpu")))
+    cached = sum(len(i) for i in plan) / (time.perf_counter() - start)
+    sources = cache.read(np.arange(len(cache)), keys=["source_index"])["source_index"]
+    fly_plan = plan[:max(1, len(plan) // 4)]
+    kinds = [dataset.identity()["type"]]
+    start = time.perf_counter()
+    for indices in fly_plan:
+        for index in sources[indices]:
+            preprocess_sample(dataset, int(index), "train", PreprocessConfig(input_size=size), kinds)
+    on_the_fly = sum(len(i) for i in fly_plan) / (time.perf_counter() - start)
+    report(figures, figure("cache_read_augmented", cached, "samples/s", on_the_fly,
+                           measured="LSPET 128 px, batches of 32: cache read + augmentation + target rendering "
+                                    "vs decode + crop + warp + render on the fly", samples=len(cache)))
+    cache.close()
+
+
+def part_memory(figures, args, tmp: Path) -> None:
+    spec = f"lspet:{LSPET}"
+    command = [sys.executable, "-m", "preprocessing", "build", "--data", spec, "--size", "128", "--split", "train"]
+    caches = {}
+    for label, extra in (("1000", ["--max-samples", "1000"]), ("full", [])):
+        out = subprocess.run(command + extra + ["--out", str(tmp / f"mem{label}")], cwd=REPO, check=True,
+                             capture_output=True, text=True).stdout
+        caches[label] = Path(out.strip().splitlines()[-1].split("\t")[-1])
+    max_steps = 20 if args.quick else None  # the full run trains a whole epoch over every sample
+    overrides = [f"preprocess.input_size=128", "train.precision=auto"]
+    small = speed.peak_rss_of_worker(str(REPO / REFERENCE_PRESET), overrides, caches["1000"], max_steps)
+    large = speed.peak_rss_of_worker(str(REPO / REFERENCE_PRESET), overrides, caches["full"], max_steps)
+    report(figures, figure("worker_peak_rss", large["peak_rss_mib"], "MiB", small["peak_rss_mib"],
+                           measured="peak RSS of a worker process training one epoch (default preset's network "
+                                    "at 128 px, batch 16) on the full LSPET train split vs a 1,000-sample cache",
+                           samples=large["samples"], baseline_samples=small["samples"],
+                           steps=large["steps"], baseline_steps=small["steps"]))
+
+
+def part_distributed(figures, args, tmp: Path) -> None:
+    import bench_distributed
+
+    over = bench_distributed.overhead(tmp / "overhead")
+    report(figures, figure("trial_overhead", over["startup_mean_s"], "s", None,
+                           measured="trial start to first training step, 2-trial sweep", trials=over["startup_s"],
+                           sweep_wall_s=over["sweep_wall_s"]))
+    scaling = bench_distributed.scaling(tmp / "scaling")
+    report(figures, figure("workers_2_vs_1", scaling["images_per_s_2_workers"], "images/s",
+                           scaling["images_per_s_1_worker"], measured="one configuration, 2 workers x 16 vs 1 x 32"))
+
+
+PARTS = {"overhead": part_overhead, "paper": part_paper, "read": part_read, "memory": part_memory,
+         "distributed": part_distributed}
+
+
+def machine() -> dict:
+    from bench_preprocessing import cpu_model
+
+    info = {"date": time.strftime("%Y-%m-%d %H:%M"), "nproc": os.cpu_count(), "cpu": cpu_model(),
+            "python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "load_before": os.getloadavg()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small caches, few steps (a couple of minutes)")
+    parser.add_argument("--json", default=None, help="write {machine, figures} to this file")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--parts", nargs="+", choices=list(PARTS), default=None)
+    parser.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile figures")
+    parser.add_argument("--cpu-smoke", action="store_true", help="tiny sizes: check that the GPU script runs")
+    args = parser.parse_args()
+    if args.parts is None:
+        args.parts = ["overhead", "read", "memory"] + (["paper"] if args.device == "cuda" else []) + \
+            ([] if args.quick else ["distributed"])
+    args.suffix = lambda label: "" if label.startswith("default") else "_paper"
+    info = machine()
+    print(json.dumps(info), flush=True)
+    figures: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="cpm-speed-") as tmp:
+        for name in args.parts:
+            (Path(tmp) / name).mkdir()
+            PARTS[name](figures, args, Path(tmp) / name)
+    info["load_after"] = os.getloadavg()
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": info, "figures": figures}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,223 @@
+"""Speed figures of one training worker, as same-run ratios (used by bench/run.py and bench/gpu_check.sh).
+
+- model alone: the model/loss/optimizer step on random tensors already on the device;
+- pipeline: the worker loop's own `train_one_epoch` (cache reads, augmentation, target rendering,
+  model, loss, optimizer, scheduler) over a cache, warm-up excluded;
+- FLOPs per image (torch.utils.flop_counter) and achieved TFLOP/s;
+- peak RSS of a worker process training on a cache (one subprocess per measurement).
+
+Needs only torch, numpy, h5py and this repository (no Ray, no MLflow), so it runs on a bare GPU box.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from cpm_model.config import ExperimentConfig, load_config  # noqa: E402
+from cpm_model.loss import belief_map_loss  # noqa: E402
+from pipeline.data import train_batches  # noqa: E402
+from pipeline.evaluate import autocast, build_model  # noqa: E402
+from pipeline.training import (PhaseSchedule, compiled_for_training, derived_seed, epoch_batches,  # noqa: E402
+                               flip_permutation_of, make_optimizer, train_one_epoch, training_phases)
+
+NUM_PARTS = 14  # LSP / LSPET / synthetic joint sets
+
+
+@dataclass(frozen=True)
+class StepSetup:
+    """What a timed training step runs: precision, memory format, compilation."""
+
+    precision: str = "fp32"  # "fp32" or "bf16" (autocast)
+    channels_last: bool = False
+    compile: bool = False
+
+    @property
+    def label(self) -> str:
+        parts = [self.precision] + (["channels_last"] if self.channels_last else []) + \
+            (["compile"] if self.compile else [])
+        return "+".join(parts)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def config_with(config: ExperimentConfig, setup: StepSetup) -> ExperimentConfig:
+    train = replace(config.train, precision=setup.precision, compile=setup.compile)
+    return replace(config, train=train)
+
+
+def build_training_state(config: ExperimentConfig, device: torch.device, setup: StepSetup, steps_per_epoch: int):
+    """(model, step model, optimizer, scheduler), built as train_worker builds them."""
+    torch.manual_seed(derived_seed(config.train.seed))
+    model = build_model(config, NUM_PARTS).to(device)
+    if setup.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model.train()
+    optimizer = make_optimizer(model, config.train)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, PhaseSchedule(training_phases(config), steps_per_epoch, config.train))
+    return model, compiled_for_training(model, config.train.compile), optimizer, scheduler
+
+
+def random_batch(config: ExperimentConfig, device: torch.device, generator: torch.Generator):
+    """Images, targets and joints of the worker loop's shapes, on the device."""
+    b, s = config.train.batch_size, config.preprocess.input_size
+    m = s // 8
+    images = torch.rand(b, 3, s, s, generator=generator).to(device)
+    targets = torch.rand(b, NUM_PARTS + 1, m, m, generator=generator).to(device)
+    joints = torch.cat([torch.rand(b, NUM_PARTS, 2, generator=generator) * s, torch.ones(b, NUM_PARTS, 1)], -1)
+    return images, targets, joints.to(device)
+
+
+def model_step(model, optimizer, scheduler, images, targets, joints, config: ExperimentConfig, device,
+               channels_last: bool) -> torch.Tensor:
+    """One plain step: forward under the config's precision, every-stage L2 loss, backward, step."""
+    t = config.train
+    part_mask = joints[..., 2] > 0
+    with autocast(t.precision, device):
+        pred = model(images.contiguous(memory_format=torch.channels_last) if channels_last else images)
+    loss, _ = belief_map_loss(pred, targets, part_mask, t.intermediate_supervision, t.loss_reduction)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    scheduler.step()
+    return loss.detach()
+
+
+def time_model_alone(config: ExperimentConfig, device: torch.device, setup: StepSetup, steps: int,
+                     warmup: int, state=None) -> float:
+    """images/s of the model/loss/optimizer step on random tensors already on the device."""
+    config = config_with(config, setup)
+    _, step_model, optimizer, scheduler = state or build_training_state(config, device, setup, steps + warmup)
+    images, targets, joints = random_batch(config, device, torch.Generator().manual_seed(0))
+    for _ in range(warmup):
+        model_step(step_model, optimizer, scheduler, images, targets, joints, config, device, setup.channels_last)
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        model_step(step_model, optimizer, scheduler, images, targets, joints, config, device, setup.channels_last)
+    sync(device)
+    return steps * config.train.batch_size / (time.perf_counter() - start)
+
+
+def time_pipeline(config: ExperimentConfig, cache, device: torch.device, setup: StepSetup, steps: int,
+                  warmup: int, state=None, epoch: int = 0, augment_in_loader: bool = True) -> float:
+    """images/s of the worker loop's own epoch (epoch_batches + train_one_epoch: cache reads,
+    augmentation, target rendering, model, loss, optimizer, scheduler) over `steps` batches, after
+    a warm-up pass of `warmup` batches; the same setup as time_model_alone.
+    augment_in_loader=False: augmentation in the training step, as the loop did before."""
+    config = config_with(config, setup)
+    _, step_model, optimizer, scheduler = state or build_training_state(config, device, setup, steps + warmup)
+    flip_permutation = flip_permutation_of(cache)
+
+    def run(count: int, index: int) -> float:
+        capped = replace(config, train=replace(config.train, max_steps_per_epoch=count))
+        batches = epoch_batches(cache, capped, 0, 1, index, flip_permutation, device)
+        generator = None
+        if not augment_in_loader:  # the same batches and draws, augmented inside train_one_epoch
+            batches.prepare, batches.prepare_in_reader = None, False
+            generator = torch.Generator().manual_seed(derived_seed(capped.train.seed, 0, index))
+        sync(device)
+        start = time.perf_counter()
+        sums = train_one_epoch(step_model, optimizer, scheduler, batches, capped, None, generator,
+                               flip_permutation, device)
+        sync(device)
+        return sums["images"] / (time.perf_counter() - start)
+
+    if warmup:
+        run(warmup, epoch + 1000)
+    return run(steps, epoch)
+
+
+def interleaved_ratio(measure_a, measure_b, repeats: int) -> tuple[float, float]:
+    """Medians of two alternating measurements: on a shared machine, load drifts between runs,
+    so alternating keeps the ratio fair."""
+    a, b = [], []
+    for _ in range(repeats):
+        a.append(measure_a())
+        b.append(measure_b())
+    return statistics.median(a), statistics.median(b)
+
+
+def flops_per_image(config: ExperimentConfig, device: torch.device, batch: int = 2) -> float:
+    """Forward + backward FLOPs of one image (torch.utils.flop_counter; loss and optimizer excluded)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    config = replace(config, train=replace(config.train, batch_size=batch))
+    model = build_model(config, NUM_PARTS).to(device)
+    images, targets, joints = random_batch(config, device, torch.Generator().manual_seed(0))
+    with FlopCounterMode(display=False) as counter:
+        pred = model(images)
+        loss, _ = belief_map_loss(pred, targets, joints[..., 2] > 0)
+        loss.backward()
+    return counter.get_total_flops() / batch
+
+
+# --- peak memory of a worker ---------------------------------------------------------------------
+
+def memory_worker(config_path: str, overrides: list[str], cache_path: str, max_steps: int | None) -> dict:
+    """Train one epoch over the cache in this process (the worker loop); return its peak RSS."""
+    from preprocessing.cache import PoseCache
+
+    config = load_config(config_path, overrides)
+    cache = PoseCache(cache_path)
+    device = torch.device("cpu")
+    if max_steps is not None:
+        config = replace(config, train=replace(config.train, max_steps_per_epoch=max_steps))
+    t = config.train
+    steps = len(train_batches(len(cache), t.batch_size, 0, 1, t.seed, 0, t.max_steps_per_epoch))
+    _, step_model, optimizer, scheduler = build_training_state(
+        config, device, StepSetup(t.precision, True, t.compile), steps)
+    flip_permutation = flip_permutation_of(cache)
+    batches = epoch_batches(cache, config, 0, 1, 0, flip_permutation, device)
+    sums = train_one_epoch(step_model, optimizer, scheduler, batches, config, None, None, flip_permutation, device)
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"samples": len(cache), "steps": sums["steps"], "images": sums["images"], "peak_rss_mib": peak_kib / 1024}
+
+
+def peak_rss_of_worker(config_path: str, overrides: list[str], cache_path: Path, max_steps: int | None) -> dict:
+    """Run memory_worker in a fresh subprocess (so nothing else inflates its peak)."""
+    command = [sys.executable, str(Path(__file__).resolve()), "memory-worker", "--config", config_path,
+               "--cache", str(cache_path), "--json-out", "-"]
+    if max_steps is not None:
+        command += ["--max-steps", str(max_steps)]
+    for item in overrides:
+        command += ["--set", item]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    if result.returncode != 0:
+        raise RuntimeError(f"memory worker failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="internal: the memory-measuring worker process")
+    parser.add_argument("part", choices=["memory-worker"])
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--set", action="append", default=[])
+    parser.add_argument("--cache", required=True)
+    parser.add_argument("--max-steps", type=int, default=None)
+    parser.add_argument("--json-out", default="-")
+    args = parser.parse_args()
+    print(json.dumps(memory_worker(args.config, args.set, args.cache, args.max_steps)))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONHASHSEED", "0")
+    main()
