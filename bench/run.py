@@ -44,11 +44,14 @@ from cpm_model.config import load_config  # noqa: E402
 from pipeline.evaluate import use_bf16  # noqa: E402
 
 # The CPU reference config: the default preset's network (3 stages, width 0.25, 64 px, batch 16) on
-# its synthetic data, with its own precision choice (auto = bf16 autocast on a CPU).
+# its synthetic data, with its own precision choice (auto = bf16 autocast on a CPU), channels_last,
+# one intra-op thread: what a one-CPU Ray Train worker of the default job runs with (Ray sets
+# OMP_NUM_THREADS to the worker's CPUs). Two OpenMP threads on a loaded 2-core machine stall at
+# every barrier (measured 2-10x slower and erratic), so one thread is also the fair setting here.
 REFERENCE_PRESET = "configs/default.yaml"
 # The paper's Fig. 2 network at its own size (the DESIGN.md anchors).
 PAPER_OVERRIDES = ["preprocess.input_size=368", "model.stages=6", "train.batch_size=32", "train.optimizer=sgd",
-                   "train.lr=8e-5", "train.loss_reduction=sum", "data.spec=synthetic:320"]
+                   "train.lr=8e-5", "train.loss_reduction=sum", "data.spec=synthetic:1600"]
 LSPET = REPO.parent / "shared" / "data" / "lspet"
 
 
@@ -74,7 +77,7 @@ def train_cache(config, cache_dir: Path):
 def step_figures(figures: list[dict], label: str, config, cache, device: torch.device, args,
                  compare_compile: bool) -> None:
     """pipeline_overhead, optimised vs plain, compile vs eager, FLOPs, TFLOP/s for one config."""
-    steps, warmup, repeats = (12, 3, 3) if args.quick else (30, 5, 5)
+    steps, warmup, repeats = (20, 3, 5) if args.quick else (40, 5, 9)
     if args.cpu_smoke:
         steps, warmup, repeats = 2, 1, 1
     precision = "bf16" if use_bf16(config.train.precision, device) else "fp32"  # what the loop would use
@@ -236,7 +239,10 @@ def main() -> None:
     parser.add_argument("--parts", nargs="+", choices=list(PARTS), default=None)
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile figures")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny sizes: check that the GPU script runs")
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads on a CPU device (default 1)")
     args = parser.parse_args()
+    if args.device == "cpu":
+        torch.set_num_threads(args.threads)
     if args.parts is None:
         args.parts = ["overhead", "read", "memory"] + (["paper"] if args.device == "cuda" else []) + \
             ([] if args.quick else ["distributed"])
