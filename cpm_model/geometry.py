@@ -56,15 +56,6 @@ def invert_affine(affine: np.ndarray) -> np.ndarray:
     return np.concatenate([inv_linear, inv_translation], axis=-1)
 
 
-def compose_affine(outer: np.ndarray, inner: np.ndarray) -> np.ndarray:
-    """The affine `outer(inner(p))`."""
-    outer = np.asarray(outer, dtype=np.float64)
-    inner = np.asarray(inner, dtype=np.float64)
-    linear = outer[..., :2] @ inner[..., :2]
-    translation = outer[..., :2] @ inner[..., 2:] + outer[..., 2:]
-    return np.concatenate([linear, translation], axis=-1)
-
-
 def apply_affine(points: np.ndarray, affine: np.ndarray) -> np.ndarray:
     """Map points (..., 2) through a 2x3 affine (or a stack of them broadcastable to points)."""
     points = np.asarray(points, dtype=np.float64)

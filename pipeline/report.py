@@ -123,8 +123,9 @@ def to_latex(table: Table) -> str:
 
 # --- the tables ---------------------------------------------------------------------------------
 
-def _extra_columns(groups: list[ConfigGroup]) -> tuple[list[str], callable]:
-    varying = varying_settings(groups)
+def _extra_columns(groups: list[ConfigGroup], shown: tuple[str, ...] = ()) -> tuple[list[str], callable]:
+    """The settings that vary among `groups`, less those the table already has a column for."""
+    varying = [p for p in varying_settings(groups) if p not in shown]
     return varying, (lambda g: [g.config[p] for p in varying])
 
 
@@ -151,7 +152,7 @@ def stages_table(groups: list[ConfigGroup], joints: list[str]) -> Table:
 def receptive_field_table(groups: list[ConfigGroup]) -> Table:
     """The paper's receptive-field ablation: PCK against the later stages' receptive field."""
     chosen = [g for g in groups if g.scheme == "joint" and g.supervised]
-    extra, extra_of = _extra_columns(chosen)
+    extra, extra_of = _extra_columns(chosen, shown=("kernel_size",))
     table = Table("ablation_receptive_field",
                   "PCK@0.2 (%) against the receptive field of the later stages (pixels of the input crop)",
                   ["RF (px)", "RF / person", "kernel", "stages", *extra, "seeds", "val PCK@0.2", "test PCK@0.2",
