@@ -55,6 +55,12 @@ PAPER_OVERRIDES = ["preprocess.input_size=368", "model.stages=6", "train.batch_s
 LSPET = REPO.parent / "shared" / "data" / "lspet"
 
 
+def paired_figure(name: str, paired, unit: str, **extra) -> dict:
+    """A figure from speed.interleaved_ratio: ratio = median of the per-pair ratios."""
+    return {"name": name, "value": paired.value, "unit": unit, "baseline": paired.baseline,
+            "ratio": paired.ratio, "ratio_quartiles": list(paired.ratio_quartiles), **extra}
+
+
 def figure(name: str, value: float, unit: str, baseline: float | None = None, **extra) -> dict:
     ratio = value / baseline if baseline else None
     return {"name": name, "value": value, "unit": unit, "baseline": baseline, "ratio": ratio, **extra}
@@ -63,6 +69,8 @@ def figure(name: str, value: float, unit: str, baseline: float | None = None, **
 def report(figures: list[dict], item: dict) -> None:
     figures.append(item)
     ratio = f"  ratio {item['ratio']:.3f}" if item["ratio"] is not None else ""
+    if "ratio_quartiles" in item:
+        ratio += " (pairs: quartiles {:.3f}-{:.3f})".format(*item["ratio_quartiles"])
     base = f"  baseline {item['baseline']:.4g}" if item["baseline"] is not None else ""
     print(f"{item['name']:<28} {item['value']:.4g} {item['unit']}{base}{ratio}", flush=True)
 
@@ -77,7 +85,7 @@ def train_cache(config, cache_dir: Path):
 def step_figures(figures: list[dict], label: str, config, cache, device: torch.device, args,
                  compare_compile: bool) -> None:
     """pipeline_overhead, optimised vs plain, compile vs eager, FLOPs, TFLOP/s for one config."""
-    steps, warmup, repeats = (20, 3, 5) if args.quick else (40, 5, 9)
+    steps, warmup, repeats = (20, 3, 5) if args.quick else (40, 5, 15)
     if args.cpu_smoke:
         steps, warmup, repeats = 2, 1, 1
     precision = "bf16" if use_bf16(config.train.precision, device) else "fp32"  # what the loop would use
@@ -85,44 +93,44 @@ def step_figures(figures: list[dict], label: str, config, cache, device: torch.d
     plain = speed.StepSetup("fp32", channels_last=False)
     # One state per setup, reused by every repeat, so warm-up (and compilation) is paid once.
     state = speed.build_training_state(speed.config_with(config, optimised), device, optimised, 10**6)
-    model_alone, pipeline = speed.interleaved_ratio(
+    overhead = speed.interleaved_ratio(
         lambda: speed.time_model_alone(config, device, optimised, steps, warmup, state),
         lambda: speed.time_pipeline(config, cache, device, optimised, steps, warmup, state), repeats)
     common = {"config": label, "setup": optimised.label, "device": str(device), "steps": steps, "repeats": repeats}
-    report(figures, figure("pipeline_overhead" + args.suffix(label), pipeline, "images/s", model_alone,
-                           measured="worker loop (train_one_epoch over the cache) vs model alone", **common))
+    report(figures, paired_figure("pipeline_overhead" + args.suffix(label), overhead, "images/s",
+                                  measured="worker loop (train_one_epoch over the cache) vs model alone", **common))
     if device.type == "cpu" and not args.cpu_smoke:  # the loop before augmentation moved to the loader
-        model_alone_b, in_loop = speed.interleaved_ratio(
+        in_loop = speed.interleaved_ratio(
             lambda: speed.time_model_alone(config, device, optimised, steps, warmup, state),
             lambda: speed.time_pipeline(config, cache, device, optimised, steps, warmup, state,
                                         augment_in_loader=False), repeats)
-        report(figures, figure("pipeline_overhead_in_loop_augmentation" + args.suffix(label), in_loop, "images/s",
-                               model_alone_b, measured="as pipeline_overhead, augmentation inside the step "
-                                                       "(the loop before this change)", **common))
+        report(figures, paired_figure("pipeline_overhead_in_loop_augmentation" + args.suffix(label), in_loop,
+                                      "images/s", measured="as pipeline_overhead, augmentation inside the step "
+                                                           "(the loop before this change)", **common))
     plain_state = speed.build_training_state(config, device, plain, 10**6)
-    plain_speed, optimised_speed = speed.interleaved_ratio(
+    optimised_vs_plain = speed.interleaved_ratio(
         lambda: speed.time_model_alone(config, device, plain, steps, warmup, plain_state),
         lambda: speed.time_model_alone(config, device, optimised, steps, warmup, state), repeats)
-    report(figures, figure("optimised_vs_plain" + args.suffix(label), optimised_speed, "images/s", plain_speed,
-                           measured=f"model alone, {optimised.label} vs fp32", **common))
+    report(figures, paired_figure("optimised_vs_plain" + args.suffix(label), optimised_vs_plain, "images/s",
+                                  measured=f"model alone, {optimised.label} vs fp32", **common))
     if compare_compile:
         compiled = replace(optimised, compile=True)
         start = time.perf_counter()
         compiled_state = speed.build_training_state(speed.config_with(config, compiled), device, compiled, 10**6)
         speed.time_model_alone(config, device, compiled, 1, 2, compiled_state)  # compiles
         compile_s = time.perf_counter() - start
-        eager_speed, compiled_speed = speed.interleaved_ratio(
+        compile_vs_eager = speed.interleaved_ratio(
             lambda: speed.time_model_alone(config, device, optimised, steps, warmup, state),
             lambda: speed.time_model_alone(config, device, compiled, steps, warmup, compiled_state), repeats)
-        report(figures, figure("compile_vs_eager" + args.suffix(label), compiled_speed, "images/s", eager_speed,
-                               measured=f"model alone, {compiled.label} vs {optimised.label}",
-                               compile_s=compile_s, **common))
+        report(figures, paired_figure("compile_vs_eager" + args.suffix(label), compile_vs_eager, "images/s",
+                                      measured=f"model alone, {compiled.label} vs {optimised.label}",
+                                      compile_s=compile_s, **common))
     flops = speed.flops_per_image(config, device)
     report(figures, figure("flops_per_image" + args.suffix(label), flops / 1e9, "GFLOP", None,
                            measured="forward + backward, torch.utils.flop_counter", config=label))
-    report(figures, figure("achieved_tflops" + args.suffix(label), flops * optimised_speed / 1e12, "TFLOP/s",
+    report(figures, figure("achieved_tflops" + args.suffix(label), flops * optimised_vs_plain.value / 1e12, "TFLOP/s",
                            None, measured=f"model alone, {optimised.label}", config=label))
-    report(figures, figure("pipeline_tflops" + args.suffix(label), flops * pipeline / 1e12, "TFLOP/s",
+    report(figures, figure("pipeline_tflops" + args.suffix(label), flops * overhead.value / 1e12, "TFLOP/s",
                            None, measured=f"worker loop, {optimised.label}", config=label))
 
 

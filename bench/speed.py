@@ -146,14 +146,29 @@ def time_pipeline(config: ExperimentConfig, cache, device: torch.device, setup: 
     return run(steps, epoch)
 
 
-def interleaved_ratio(measure_a, measure_b, repeats: int) -> tuple[float, float]:
-    """Medians of two alternating measurements: on a shared machine, load drifts between runs,
-    so alternating keeps the ratio fair."""
-    a, b = [], []
+@dataclass(frozen=True)
+class Paired:
+    """Alternating measurements of a baseline and a candidate: medians of each, and the median and
+    quartiles of the per-pair ratios candidate / baseline (a pair is measured back to back, so its
+    ratio shares the load of that moment; the median ratio is what figures report)."""
+
+    baseline: float
+    value: float
+    ratio: float
+    ratio_quartiles: tuple[float, float]
+
+
+def interleaved_ratio(measure_baseline, measure_candidate, repeats: int) -> Paired:
+    """On a shared machine, load drifts between runs (2x seen here), so the two are alternated and
+    compared pair by pair."""
+    base, cand = [], []
     for _ in range(repeats):
-        a.append(measure_a())
-        b.append(measure_b())
-    return statistics.median(a), statistics.median(b)
+        base.append(measure_baseline())
+        cand.append(measure_candidate())
+    ratios = np.array(cand) / np.array(base)
+    low, high = np.quantile(ratios, [0.25, 0.75])
+    return Paired(statistics.median(base), statistics.median(cand), float(np.median(ratios)),
+                  (float(low), float(high)))
 
 
 def flops_per_image(config: ExperimentConfig, device: torch.device, batch: int = 2) -> float:

@@ -21,9 +21,12 @@ Layout (bench/RESULTS.md has the measurements, 368 px, random batches of 32): on
 chunk, so that a random training batch reads exactly its samples. Images uncompressed: lzf /
 gzip-1 save 27% / 37% of the space but read 5-10x slower (560 / 300 vs 2,900 samples/s).
 Belief maps lzf: 13x smaller (mostly zeros), 4,000 samples/s, far more than training consumes.
-Samples are read one by one with read_direct: h5py's fancy indexing of a chunked dataset is
-100x slower here. The reader opens the file without a chunk cache (rdcc_nbytes=0): no sample is
-read twice in a batch, and skipping the cache's copy makes one-sample-per-chunk reads 30-70% faster.
+Samples are read one by one: h5py's fancy indexing of a chunked dataset is 100x slower here.
+Uncompressed datasets (images and the small arrays) are read with os.pread at byte offsets
+looked up once from HDF5's chunk index: pread releases the GIL, h5py does not, so a training
+step running in another thread is not stalled by the reads (bench/RESULTS.md, "Speed"). The
+compressed belief maps go through h5py's read_direct, on a file opened without a chunk cache
+(rdcc_nbytes=0): no sample is read twice in a batch, and that makes them 30-70% faster.
 """
 
 from __future__ import annotations
@@ -137,6 +140,37 @@ class CacheWriter:
 # --- reading -------------------------------------------------------------------------------------
 
 
+def raw_row_offsets(dataset: h5py.Dataset) -> np.ndarray | None:
+    """Byte offset in the file of each row (sample) of an unfiltered dataset, or None when its rows
+    cannot be read as plain bytes (compressed or otherwise filtered, or a chunk never written).
+
+    An unfiltered chunk is stored as its full chunk shape in C order (edge chunks too), so row i
+    lies at chunk_start + (i mod rows_per_chunk) * row_bytes when chunks span whole rows.
+    """
+    row_shape = dataset.shape[1:]
+    row_bytes = dataset.dtype.itemsize * int(np.prod(row_shape, dtype=np.int64))
+    num_rows = dataset.shape[0]
+    if dataset.chunks is None:  # contiguous layout: one block of rows
+        start = dataset.id.get_offset()
+        return None if start is None else start + row_bytes * np.arange(num_rows, dtype=np.int64)
+    if dataset.id.get_create_plist().get_nfilters() or tuple(dataset.chunks[1:]) != tuple(row_shape):
+        return None
+    rows_per_chunk = dataset.chunks[0]
+    num_chunks = -(-num_rows // rows_per_chunk)
+    chunk_starts = np.full(num_chunks, -1, dtype=np.int64)
+
+    def record(info) -> None:
+        chunk_starts[info.chunk_offset[0] // rows_per_chunk] = info.byte_offset
+
+    if num_chunks:
+        dataset.id.chunk_iter(record)
+    if (chunk_starts < 0).any():
+        return None
+    rows = np.arange(num_rows, dtype=np.int64)
+    return chunk_starts[rows // rows_per_chunk] + (rows % rows_per_chunk) * row_bytes
+
+
+
 class PoseCache:
     """Lazy reader of one cache file. Picklable: the h5py handle is opened on first use in each
     process (and reopened after a fork), never pickled."""
@@ -147,15 +181,15 @@ class PoseCache:
             raise FileNotFoundError(f"pose cache {self.path} does not exist")
         self._file: h5py.File | None = None
         self._pid: int | None = None
+        self._fd: int | None = None
+        self._row_offsets: dict[str, np.ndarray | None] = {}
 
-    # h5py handles must not cross process boundaries.
+    # h5py handles and file descriptors must not cross process boundaries.
     def __getstate__(self) -> dict:
         return {"path": self.path}
 
     def __setstate__(self, state: dict) -> None:
-        self.path = state["path"]
-        self._file = None
-        self._pid = None
+        self.__init__(state["path"])
 
     @property
     def file(self) -> h5py.File:
@@ -164,12 +198,18 @@ class PoseCache:
             # No chunk cache: each chunk is one sample, read once per request (flat memory too).
             self._file = h5py.File(self.path, "r", locking=False, rdcc_nbytes=0)
             self._pid = os.getpid()
+            # The same inode as the h5py handle, even if the file is atomically replaced later.
+            self._fd = os.open(self.path, os.O_RDONLY)
+            self._row_offsets = {}
         return self._file
 
     def close(self) -> None:
         if self._file is not None and self._pid == os.getpid():
             self._file.close()
+            os.close(self._fd)
         self._file = None
+        self._fd = None
+        self._row_offsets = {}
 
     def __enter__(self) -> "PoseCache":
         return self
@@ -225,12 +265,29 @@ class PoseCache:
         for name in keys or LAYOUT:
             dataset = self.file[name]
             block = np.empty((len(unique), *dataset.shape[1:]), dtype=dataset.dtype)
-            # One read per sample: with one sample per chunk this beats h5py's fancy selection.
-            for row, index in enumerate(unique):
-                dataset.read_direct(block, np.s_[index], np.s_[row])
+            offsets = self._offsets_of(name)
+            if offsets is not None:
+                self._pread_rows(name, block, offsets[unique])
+            else:  # compressed: one read_direct per sample beats h5py's fancy selection
+                for row, index in enumerate(unique):
+                    dataset.read_direct(block, np.s_[index], np.s_[row])
             out[name] = block if len(unique) == len(indices) and (inverse == np.arange(len(indices))).all() \
                 else block[inverse]
         return out
+
+    def _offsets_of(self, name: str) -> np.ndarray | None:
+        if name not in self._row_offsets:
+            self._row_offsets[name] = raw_row_offsets(self.file[name])
+        return self._row_offsets[name]
+
+    def _pread_rows(self, name: str, block: np.ndarray, offsets: np.ndarray) -> None:
+        rows = block.reshape(len(block), -1).view(np.uint8)  # one writable byte row per sample
+        row_bytes = rows.shape[1]
+        for row, offset in enumerate(offsets.tolist()):
+            got = os.preadv(self._fd, [rows[row]], offset)
+            if got != row_bytes:
+                raise OSError(f"pose cache {self.path}: dataset {name!r} is truncated "
+                              f"(read {got} of {row_bytes} bytes at offset {offset})")
 
     def load_all(self, keys=None) -> dict[str, np.ndarray]:
         """Every sample in memory: for small caches only."""

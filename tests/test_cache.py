@@ -19,7 +19,7 @@ from cpm_model.heatmaps import decode_belief_maps, input_to_heatmap, render_beli
 from cpm_model.joints import LSP
 from preprocessing.__main__ import main as cli_main
 from preprocessing.build import SkippedSamplesWarning, build_cache, build_caches_with_status, cache_path_for
-from preprocessing.cache import PoseCache
+from preprocessing.cache import PoseCache, raw_row_offsets
 from preprocessing.datasets.base import DatasetError, PoseSample, SampleSkipped
 
 SIZE = 128
@@ -239,6 +239,64 @@ def test_cache_reader_pickles_without_its_handle(train_cache, train_data):
     clone = pickle.loads(pickle.dumps(train_cache))
     assert clone._file is None
     np.testing.assert_array_equal(clone.read([1])["images"][0], train_data["images"][1])
+
+
+def test_uncompressed_datasets_are_read_as_raw_rows_and_belief_maps_through_h5py(train_cache, train_data):
+    batch = train_cache.read([7, 1], keys=["images", "joints", "torso", "belief_maps"])
+    raw = {name for name in batch if train_cache._row_offsets[name] is not None}
+    assert raw == {"images", "joints", "torso"}  # belief maps are lzf-compressed
+    for name, values in batch.items():
+        np.testing.assert_array_equal(values, train_data[name][[7, 1]])
+
+
+@pytest.mark.parametrize("layout", [
+    {"chunks": (4, 3, 2)},  # several rows per chunk, a partial edge chunk (10 rows)
+    {"chunks": (1, 3, 2)},
+    {},  # contiguous
+])
+def test_raw_row_offsets_address_every_row(tmp_path, layout):
+    import h5py
+
+    values = np.arange(10 * 3 * 2, dtype=np.float32).reshape(10, 3, 2) * 1.5
+    path = tmp_path / "rows.h5"
+    with h5py.File(path, "w") as file:
+        file.create_dataset("x", data=values, **layout)
+    with h5py.File(path, "r") as file:
+        offsets = raw_row_offsets(file["x"])
+    raw = path.read_bytes()
+    rows = [np.frombuffer(raw[o:o + 24], dtype=np.float32).reshape(3, 2) for o in offsets]
+    np.testing.assert_array_equal(np.stack(rows), values)
+
+
+def test_raw_row_offsets_refuse_compressed_and_partial_row_chunks(tmp_path):
+    import h5py
+
+    with h5py.File(tmp_path / "x.h5", "w") as file:
+        file.create_dataset("gzip", data=np.ones((8, 4)), chunks=(2, 4), compression="gzip")
+        file.create_dataset("split_rows", data=np.ones((8, 4)), chunks=(2, 2))
+        file.create_dataset("unwritten", shape=(8, 4), chunks=(2, 4), dtype="f4")
+        assert raw_row_offsets(file["gzip"]) is None
+        assert raw_row_offsets(file["split_rows"]) is None
+        assert raw_row_offsets(file["unwritten"]) is None
+
+
+def test_a_forked_child_reads_through_its_own_file_descriptor(train_cache, train_data):
+    train_cache.read([0])  # the parent's handle and descriptor are open
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    # With fork, Process arguments are inherited, not pickled: the child sees the open reader.
+    child = context.Process(target=_read_images_into, args=(train_cache, [4, 9], results))
+    child.start()
+    images = results.get(timeout=60)
+    child.join(60)
+    assert child.exitcode == 0
+    np.testing.assert_array_equal(images, train_data["images"][[4, 9]])
+    np.testing.assert_array_equal(train_cache.read([3])["images"][0], train_data["images"][3])
+
+
+def _read_images_into(cache: PoseCache, indices: list[int], results) -> None:
+    assert cache._pid != os.getpid() and cache._fd is not None  # inherited from the parent
+    results.put(cache.read(indices, keys=["images"])["images"])
 
 
 # --- hits, names, locking, crashes ----------------------------------------------------------------
