@@ -7,7 +7,7 @@ Parts:
           images/s, peak RSS (parent + workers, sampled from /proc), file size; then the hit time.
   layout  chunking and compression of `images` / `belief_maps`: file size and random-batch read
           throughput (batches of 32 sorted random indices, as training reads), per-sample
-          read_direct vs h5py fancy indexing.
+          read_direct vs h5py fancy indexing vs os.pread at the chunk index's offsets.
   read    training reads from the cache vs decoding + cropping + rendering on the fly, on LSPET and
           on large (1280x720, MPII-sized) JPEGs made here.
 Caches go to a temporary directory (outside the repository) that is deleted at the end. Prints a
@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cpm_model.config import PreprocessConfig  # noqa: E402
 from preprocessing.build import build_caches_with_status, preprocess_sample  # noqa: E402
-from preprocessing.cache import PoseCache  # noqa: E402
+from preprocessing.cache import PoseCache, pread_rows, raw_row_offsets  # noqa: E402
 from preprocessing.spec import parse_data_spec  # noqa: E402
 
 BATCH = 32
@@ -135,6 +135,30 @@ def bench_build(spec: str, sizes: list[int], workdir: Path, lines: list[str]) ->
     return paths
 
 
+def _per_sample_reader(dataset):
+    return lambda indices: _read_per_sample(dataset, indices)
+
+
+def _fancy_reader(dataset):
+    return lambda indices: dataset[indices]
+
+
+def _raw_row_reader(dataset):
+    """PoseCache's path for unfiltered datasets (os.pread at offsets from the chunk index), or None."""
+    offsets = raw_row_offsets(dataset)
+    if offsets is None:
+        return None
+    fd = os.open(dataset.file.filename, os.O_RDONLY)
+
+    def read(indices: np.ndarray) -> np.ndarray:
+        block = np.empty((len(indices), *dataset.shape[1:]), dtype=dataset.dtype)
+        pread_rows(fd, block, offsets[indices], dataset.name)
+        return block
+
+    read.close = lambda: os.close(fd)
+    return read
+
+
 def _read_per_sample(dataset, indices: np.ndarray) -> np.ndarray:
     block = np.empty((len(indices), *dataset.shape[1:]), dtype=dataset.dtype)
     for row, index in enumerate(indices):
@@ -159,8 +183,9 @@ def bench_layout(source: Path, workdir: Path, lines: list[str], batches: int = 6
     lines += ["", f"Layout: {n} samples at {size} px copied from a train cache; random batches of {BATCH} "
                   f"sorted indices ({batches} batches, file in the page cache), one process.", "",
               "| dataset | chunking | compression | MB per 1000 samples | per-sample reads, 1 MiB chunk cache: "
-              "samples/s | per-sample reads, no chunk cache: samples/s | h5py fancy index: samples/s |",
-              "|---|---|---|---|---|---|---|"]
+              "samples/s | per-sample reads, no chunk cache: samples/s | h5py fancy index: samples/s | "
+              "os.pread at chunk-index offsets (unfiltered only): samples/s |",
+              "|---|---|---|---|---|---|---|---|"]
     for name, data in (("images", images), ("belief_maps", maps)):
         for label, rows, compression in variants:
             path = workdir / "layout.h5"
@@ -176,21 +201,26 @@ def bench_layout(source: Path, workdir: Path, lines: list[str], batches: int = 6
             megabytes = path.stat().st_size / 1e6 * 1000 / n
             rates = []
             # Per-sample reads with HDF5's default 1 MiB chunk cache, without one (as PoseCache
-            # opens files), and h5py's fancy indexing of the whole batch.
-            for reader, cache_bytes in ((_read_per_sample, None), (_read_per_sample, 0), (lambda d, i: d[i], None)):
+            # opens compressed datasets), h5py's fancy indexing of the whole batch, and PoseCache's
+            # raw reads of unfiltered datasets.
+            readers = ((_per_sample_reader, None), (_per_sample_reader, 0), (_fancy_reader, None), (_raw_row_reader, 0))
+            for make_reader, cache_bytes in readers:
                 options = {} if cache_bytes is None else {"rdcc_nbytes": cache_bytes}
                 with h5py.File(path, "r", **options) as f:
-                    dataset = f[name]
+                    reader = make_reader(f[name])
+                    if reader is None:
+                        rates.append(None)
+                        continue
                     # Fancy indexing is slow enough that a few batches measure it.
-                    plan = random_batches(n, batches if cache_bytes is not None or reader is _read_per_sample else 4,
-                                          seed=1)
-                    reader(dataset, plan[0])  # warm-up
+                    plan = random_batches(n, 4 if make_reader is _fancy_reader else batches, seed=1)
+                    reader(plan[0])  # warm-up
                     start = time.perf_counter()
                     for indices in plan:
-                        reader(dataset, indices)
+                        reader(indices)
                     rates.append(len(plan) * BATCH / (time.perf_counter() - start))
-            lines.append(f"| {name} | {label} | {compression or 'none'} | {megabytes:.1f} | {rates[0]:.0f} | "
-                         f"{rates[1]:.0f} | {rates[2]:.0f} |")
+                    getattr(reader, "close", lambda: None)()
+            rates = [f"{rate:.0f}" if rate is not None else "-" for rate in rates]
+            lines.append(f"| {name} | {label} | {compression or 'none'} | {megabytes:.1f} | " + " | ".join(rates) + " |")
             print(lines[-1], flush=True)
             path.unlink()
 

@@ -160,11 +160,16 @@ class Paired:
 
 def interleaved_ratio(measure_baseline, measure_candidate, repeats: int) -> Paired:
     """On a shared machine, load drifts between runs (2x seen here), so the two are alternated and
-    compared pair by pair."""
+    compared pair by pair; the order within a pair alternates too (ABBA), because the second of two
+    back-to-back runs measured ~2% slower here even when both ran the same thing."""
     base, cand = [], []
-    for _ in range(repeats):
-        base.append(measure_baseline())
-        cand.append(measure_candidate())
+    for repeat in range(repeats):
+        if repeat % 2:
+            cand.append(measure_candidate())
+            base.append(measure_baseline())
+        else:
+            base.append(measure_baseline())
+            cand.append(measure_candidate())
     ratios = np.array(cand) / np.array(base)
     low, high = np.quantile(ratios, [0.25, 0.75])
     return Paired(statistics.median(base), statistics.median(cand), float(np.median(ratios)),

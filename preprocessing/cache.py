@@ -171,6 +171,16 @@ def raw_row_offsets(dataset: h5py.Dataset) -> np.ndarray | None:
 
 
 
+def pread_rows(fd: int, block: np.ndarray, offsets: np.ndarray, what: str) -> None:
+    """Fill block[k] with the raw bytes at offsets[k] of the open file `fd` (os.preadv: no GIL held)."""
+    rows = block.reshape(len(block), -1).view(np.uint8)  # one writable byte row per sample
+    row_bytes = rows.shape[1]
+    for row, offset in enumerate(offsets.tolist()):
+        got = os.preadv(fd, [rows[row]], offset)
+        if got != row_bytes:
+            raise OSError(f"{what} is truncated (read {got} of {row_bytes} bytes at offset {offset})")
+
+
 class PoseCache:
     """Lazy reader of one cache file. Picklable: the h5py handle is opened on first use in each
     process (and reopened after a fork), never pickled."""
@@ -267,7 +277,7 @@ class PoseCache:
             block = np.empty((len(unique), *dataset.shape[1:]), dtype=dataset.dtype)
             offsets = self._offsets_of(name)
             if offsets is not None:
-                self._pread_rows(name, block, offsets[unique])
+                pread_rows(self._fd, block, offsets[unique], f"pose cache {self.path}: dataset {name!r}")
             else:  # compressed: one read_direct per sample beats h5py's fancy selection
                 for row, index in enumerate(unique):
                     dataset.read_direct(block, np.s_[index], np.s_[row])
@@ -279,15 +289,6 @@ class PoseCache:
         if name not in self._row_offsets:
             self._row_offsets[name] = raw_row_offsets(self.file[name])
         return self._row_offsets[name]
-
-    def _pread_rows(self, name: str, block: np.ndarray, offsets: np.ndarray) -> None:
-        rows = block.reshape(len(block), -1).view(np.uint8)  # one writable byte row per sample
-        row_bytes = rows.shape[1]
-        for row, offset in enumerate(offsets.tolist()):
-            got = os.preadv(self._fd, [rows[row]], offset)
-            if got != row_bytes:
-                raise OSError(f"pose cache {self.path}: dataset {name!r} is truncated "
-                              f"(read {got} of {row_bytes} bytes at offset {offset})")
 
     def load_all(self, keys=None) -> dict[str, np.ndarray]:
         """Every sample in memory: for small caches only."""

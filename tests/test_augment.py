@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from cpm_model.augment import (AugmentParams, AugmentSettings, augment_batch, augmentation_affines,
-                               random_augment, sample_params, scale_about_centre_affines, warp)
+from cpm_model.augment import (AugmentParams, AugmentSettings, affine_sampling_grid, augment_batch,
+                               augmentation_affines, random_augment, sample_params, scale_about_centre_affines, warp)
 from cpm_model.heatmaps import decode_belief_maps, render_belief_maps_torch
 from cpm_model.joints import LSP
 
@@ -117,3 +117,11 @@ def test_scale_about_centre_keeps_centre_fixed():
     affines = scale_about_centre_affines([0.8, 1.2], S)
     centre = torch.tensor([(S - 1) / 2, (S - 1) / 2, 1.0], dtype=torch.float64)
     assert torch.allclose(affines @ centre, centre[:2].expand(2, 2))
+
+
+def test_sampling_grid_matches_torch_affine_grid():
+    theta = torch.randn(5, 2, 3, generator=torch.Generator().manual_seed(3))
+    for size in (8, 46, 64):
+        expected = torch.nn.functional.affine_grid(theta, [5, 3, size, size], align_corners=False)
+        # The same sample positions to float32 rounding (values up to ~3 in normalised units).
+        torch.testing.assert_close(affine_sampling_grid(theta, size), expected, rtol=0, atol=1e-6)
