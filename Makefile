@@ -13,12 +13,18 @@ PYTEST_ARGS ?=
 
 .PHONY: install browser sweep test cluster-up cluster-down
 
-install: $(STAMP)
+# Installs (editable) unless the stamp is newer than pyproject.toml AND the installed package is
+# this checkout (another clone's editable install would otherwise be tested instead).
+INSTALLED_HERE := cd / && $(PYTHON) -c 'import cpm_model, os, sys; \
+	sys.exit(os.path.dirname(os.path.dirname(os.path.realpath(cpm_model.__file__))) != sys.argv[1])' \
+	"$(realpath $(CURDIR))" 2>/dev/null
 
-$(STAMP): pyproject.toml
-	$(PYTHON) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PYTHON) -m pip install --quiet -e ".[test]"
-	@mkdir -p .cache && touch $@
+install:
+	@if [ -f $(STAMP) ] && [ $(STAMP) -nt pyproject.toml ] && ($(INSTALLED_HERE)); then :; else \
+		echo "installing PyTorch ($(TORCH_SPEC)) and this project (editable, with test extras)"; \
+		$(PYTHON) -m pip install --quiet "$(TORCH_SPEC)" && \
+		$(PYTHON) -m pip install --quiet -e ".[test]" && \
+		mkdir -p .cache && touch $(STAMP); fi
 
 # Start a single-node Ray head here unless one is reachable (the job then runs in this directory).
 cluster-up: install
