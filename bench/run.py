@@ -15,6 +15,8 @@ Parts (default: all that the device allows):
   distributed  per-trial overhead of a sweep and images/s with 1 and 2 workers (bench_distributed;
                needs Ray and MLflow; not in --quick)
 The JSON holds one object per figure: name, value, unit, baseline, ratio (plus what was measured).
+Timed pairs alternate baseline and candidate (ABBA); value and baseline are the medians of each,
+ratio the median of the per-pair ratios, ratio_quartiles their quartiles (the machine's noise).
 Caches go to a temporary directory outside the repository, deleted at the end.
 """
 
