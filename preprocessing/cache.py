@@ -198,8 +198,12 @@ class PoseCache:
     def __getstate__(self) -> dict:
         return {"path": self.path}
 
-    def __setstate__(self, state: dict) -> None:
-        self.__init__(state["path"])
+    def __setstate__(self, state: dict) -> None:  # no existence check: the file may be copied later
+        self.path = state["path"]
+        self._file = None
+        self._pid = None
+        self._fd = None
+        self._row_offsets = {}
 
     @property
     def file(self) -> h5py.File:
