@@ -31,8 +31,7 @@ def run_sweep(tmp: Path, *extra: str, config: str = "configs/synthetic_tiny.yaml
     command = [sys.executable, str(REPO / "pipeline" / "sweep.py"), "--config", str(REPO / config),
                "--tracking-uri", f"sqlite:///{tmp / 'mlflow.db'}", "--storage-path", str(tmp / "ray"),
                "--set", f"data.cache_dir={tmp / 'cache'}", *extra]
-    env = dict(os.environ)
-    env.pop("RAY_ADDRESS", None)
+    env = dict(os.environ, RAY_ADDRESS="local")  # its own cluster, even beside a running one
     start = time.perf_counter()
     result = subprocess.run(command, cwd=tmp, env=env, capture_output=True, text=True)
     elapsed = time.perf_counter() - start

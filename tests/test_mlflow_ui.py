@@ -95,7 +95,7 @@ def _run_tiny_sweep(base: str, tmp: Path) -> None:
                "--set", f"data.cache_dir={tmp / 'cache'}", "--set", "data.spec=synthetic:300",
                "--set", "train.epochs=2", "--set", grid, "--set", f"tracking.experiment={EXPERIMENT}"]
     env = dict(os.environ, PYTHONUNBUFFERED="1", NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost")
-    env.pop("RAY_ADDRESS", None)  # the driver starts its own local Ray
+    env["RAY_ADDRESS"] = "local"  # the driver starts its own local Ray, even beside a running cluster
     result = subprocess.run(command, cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
 

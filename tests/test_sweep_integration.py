@@ -20,6 +20,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
 EPOCHS = 4
+KILLED_RUN_EPOCHS = 8
 
 
 def sweep_command(tmp: Path, *extra: str) -> list[str]:
@@ -31,7 +32,9 @@ def sweep_command(tmp: Path, *extra: str) -> list[str]:
 
 def sweep_env(ray_tmpdir: str) -> dict:
     env = dict(os.environ)
-    env.pop("RAY_ADDRESS", None)  # each test's driver starts its own local cluster, in its own temp dir
+    # Each test's driver starts its own local cluster, in its own temp dir, even when a cluster
+    # (`ray start --head`, e.g. from `make sweep`) is running on this machine: "auto" would join it.
+    env["RAY_ADDRESS"] = "local"
     env["RAY_TMPDIR"] = ray_tmpdir
     env["PYTHONUNBUFFERED"] = "1"
     return env
@@ -142,11 +145,14 @@ def _wait_for(predicate, timeout: float, what: str, proc=None):
 
 
 def test_killed_worker_resumes_from_its_checkpoint_in_the_same_run(tmp_path, ray_tmpdir):
-    proc = subprocess.Popen(sweep_command(tmp_path, "--set", "train.epochs=6"), cwd=tmp_path, env=sweep_env(ray_tmpdir),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # Enough epochs that the trial is still training when the test sees epoch 1 in Tune's result
+    # file (written a moment after the report): seven more of about a second each.
+    proc = subprocess.Popen(sweep_command(tmp_path, "--set", f"train.epochs={KILLED_RUN_EPOCHS}"),
+                            cwd=tmp_path, env=sweep_env(ray_tmpdir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
     try:
-        _wait_for(lambda: any(r.get("epoch") == 2 and "train_loss" in r for r in _result_rows(tmp_path / "ray")),
-                  240, "epoch 2", proc)
+        _wait_for(lambda: any(r.get("epoch") == 1 and "train_loss" in r for r in _result_rows(tmp_path / "ray")),
+                  240, "epoch 1", proc)
         # Ray Train workers of this test's cluster: children of a raylet started under ray_tmpdir.
         raylets = set(processes_named(ray_tmpdir))
         workers = [pid for pid in processes_named("RayTrainWorker") if parent_pid(pid) in raylets]
@@ -160,10 +166,11 @@ def test_killed_worker_resumes_from_its_checkpoint_in_the_same_run(tmp_path, ray
     assert proc.returncode == 0, out[-3000:]
 
     epochs = [r["epoch"] for r in _result_rows(tmp_path / "ray") if "train_loss" in r]
-    assert epochs == sorted(set(epochs)) == list(range(1, 7)), f"epochs reported: {epochs} (a restart from scratch repeats them)"
+    expected = list(range(1, KILLED_RUN_EPOCHS + 1))
+    assert epochs == sorted(set(epochs)) == expected, f"epochs reported: {epochs} (a restart from scratch repeats them)"
     client, runs = trial_runs(tmp_path)
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-    assert epochs_logged(client, runs[0].info.run_id) == list(range(1, 7))
+    assert epochs_logged(client, runs[0].info.run_id) == expected
 
 
 def test_killed_driver_resumes_without_duplicate_runs(tmp_path, ray_tmpdir):
