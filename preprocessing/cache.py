@@ -35,6 +35,7 @@ import hashlib
 import json
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
@@ -170,6 +171,15 @@ def raw_row_offsets(dataset: h5py.Dataset) -> np.ndarray | None:
     return chunk_starts[rows // rows_per_chunk] + (rows % rows_per_chunk) * row_bytes
 
 
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a read needs of one dataset, looked up once per open file (h5py lookups hold the GIL
+    and cost about a third of a raw batch read): shape, dtype, raw row offsets (None: use h5py)."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    offsets: np.ndarray | None
+
 
 def pread_rows(fd: int, block: np.ndarray, offsets: np.ndarray, what: str) -> None:
     """Fill block[k] with the raw bytes at offsets[k] of the open file `fd` (os.preadv: no GIL held)."""
@@ -192,7 +202,7 @@ class PoseCache:
         self._file: h5py.File | None = None
         self._pid: int | None = None
         self._fd: int | None = None
-        self._row_offsets: dict[str, np.ndarray | None] = {}
+        self._infos: dict[str, DatasetInfo] = {}
 
     # h5py handles and file descriptors must not cross process boundaries.
     def __getstate__(self) -> dict:
@@ -203,7 +213,7 @@ class PoseCache:
         self._file = None
         self._pid = None
         self._fd = None
-        self._row_offsets = {}
+        self._infos = {}
 
     @property
     def file(self) -> h5py.File:
@@ -214,7 +224,7 @@ class PoseCache:
             self._pid = os.getpid()
             # The same inode as the h5py handle, even if the file is atomically replaced later.
             self._fd = os.open(self.path, os.O_RDONLY)
-            self._row_offsets = {}
+            self._infos = {}
         return self._file
 
     def close(self) -> None:
@@ -223,7 +233,7 @@ class PoseCache:
             os.close(self._fd)
         self._file = None
         self._fd = None
-        self._row_offsets = {}
+        self._infos = {}
 
     def __enter__(self) -> "PoseCache":
         return self
@@ -232,7 +242,7 @@ class PoseCache:
         self.close()
 
     def __len__(self) -> int:
-        return int(self.file["images"].shape[0])
+        return int(self.dataset_info("images").shape[0])
 
     @property
     def attrs(self) -> dict:
@@ -277,22 +287,24 @@ class PoseCache:
         unique, inverse = np.unique(indices, return_inverse=True)  # h5py wants increasing, distinct
         out = {}
         for name in keys or LAYOUT:
-            dataset = self.file[name]
-            block = np.empty((len(unique), *dataset.shape[1:]), dtype=dataset.dtype)
-            offsets = self._offsets_of(name)
-            if offsets is not None:
-                pread_rows(self._fd, block, offsets[unique], f"pose cache {self.path}: dataset {name!r}")
+            info = self.dataset_info(name)
+            block = np.empty((len(unique), *info.shape[1:]), dtype=info.dtype)
+            if info.offsets is not None:
+                pread_rows(self._fd, block, info.offsets[unique], f"pose cache {self.path}: dataset {name!r}")
             else:  # compressed: one read_direct per sample beats h5py's fancy selection
+                dataset = self.file[name]
                 for row, index in enumerate(unique):
                     dataset.read_direct(block, np.s_[index], np.s_[row])
             out[name] = block if len(unique) == len(indices) and (inverse == np.arange(len(indices))).all() \
                 else block[inverse]
         return out
 
-    def _offsets_of(self, name: str) -> np.ndarray | None:
-        if name not in self._row_offsets:
-            self._row_offsets[name] = raw_row_offsets(self.file[name])
-        return self._row_offsets[name]
+    def dataset_info(self, name: str) -> DatasetInfo:
+        file = self.file  # (re)opens in a new process, which also clears the lookups
+        if name not in self._infos:
+            dataset = file[name]
+            self._infos[name] = DatasetInfo(dataset.shape, dataset.dtype, raw_row_offsets(dataset))
+        return self._infos[name]
 
     def load_all(self, keys=None) -> dict[str, np.ndarray]:
         """Every sample in memory: for small caches only."""

@@ -243,7 +243,7 @@ def test_cache_reader_pickles_without_its_handle(train_cache, train_data):
 
 def test_uncompressed_datasets_are_read_as_raw_rows_and_belief_maps_through_h5py(train_cache, train_data):
     batch = train_cache.read([7, 1], keys=["images", "joints", "torso", "belief_maps"])
-    raw = {name for name in batch if train_cache._row_offsets[name] is not None}
+    raw = {name for name in batch if train_cache.dataset_info(name).offsets is not None}
     assert raw == {"images", "joints", "torso"}  # belief maps are lzf-compressed
     for name, values in batch.items():
         np.testing.assert_array_equal(values, train_data[name][[7, 1]])
