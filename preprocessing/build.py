@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import itertools
 import logging
 import multiprocessing
 import os
-import threading
 import warnings
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -131,6 +134,11 @@ def _work(index: int):
         return "skip", skip.reason, str(skip)
 
 
+def _work_chunk(indices: list[int]) -> list:
+    """Several samples per task: one round trip to a worker costs more than a small sample."""
+    return [_work(index) for index in indices]
+
+
 def _pool_context():
     """Workers forked from a clean server process, not from the caller: a plain fork deadlocks
     when the caller has already used OpenCV's or PyTorch's thread pools (their locks are copied
@@ -142,49 +150,44 @@ def _pool_context():
     return context
 
 
-class _Throttle:
-    """Feeds indices to the pool no faster than the parent consumes results (flat memory)."""
-
-    def __init__(self, indices, in_flight: int):
-        self._indices = indices
-        self._slots = threading.Semaphore(in_flight)
-        self._stopped = False
-
-    def __iter__(self):
-        for index in self._indices:
-            self._slots.acquire()
-            if self._stopped:
-                return
-            yield index
-
-    def release(self) -> None:
-        self._slots.release()
-
-    def stop(self) -> None:
-        """Unblock the pool's feeder thread so that the pool can shut down."""
-        self._stopped = True
-        self._slots.release()
+def _ordered_results(executor: ProcessPoolExecutor, chunks: list, in_flight: int):
+    """Results in the order of `chunks`, submitting a chunk only as one is consumed, so that at
+    most `in_flight` chunks are queued or held (flat memory whatever the dataset size)."""
+    pending: deque = deque()
+    upcoming = iter(chunks)
+    for chunk in itertools.islice(upcoming, in_flight):
+        pending.append(executor.submit(_work_chunk, chunk))
+    while pending:
+        try:
+            done = pending.popleft().result()
+        except BrokenProcessPool as error:
+            raise RuntimeError("a preprocessing worker process died (killed, or out of memory?); "
+                               "no cache was written") from error
+        for chunk in itertools.islice(upcoming, 1):
+            pending.append(executor.submit(_work_chunk, chunk))
+        yield from done
 
 
 @contextmanager
 def _results(dataset, indices, split, preprocess, kinds, workers: int):
-    """(iterator of _work results in the order of `indices`, callback for each consumed result)."""
+    """Iterator of _work results in the order of `indices`.
+
+    A ProcessPoolExecutor rather than multiprocessing.Pool: Pool.terminate() can hang when a
+    build stops early (strict mode, an error), and a Pool whose worker dies waits forever; the
+    executor cancels what is queued and reports a dead worker as BrokenProcessPool."""
     if workers <= 1 or len(indices) <= 1:
         _init_worker(dataset, split, preprocess, kinds)
-        yield (_work(i) for i in indices), (lambda: None)
+        yield (_work(i) for i in indices)
         return
-    throttle = _Throttle(indices, WRITE_BLOCK * IN_FLIGHT_BLOCKS)
-    pool = _pool_context().Pool(workers, initializer=_init_worker, initargs=(dataset, split, preprocess, kinds))
+    size = max(1, min(8, len(indices) // (4 * workers)))
+    chunks = [[int(i) for i in indices[start:start + size]] for start in range(0, len(indices), size)]
+    in_flight = max(2 * workers, WRITE_BLOCK * IN_FLIGHT_BLOCKS // size)
+    executor = ProcessPoolExecutor(workers, mp_context=_pool_context(), initializer=_init_worker,
+                                   initargs=(dataset, split, preprocess, kinds))
     try:
-        chunk = max(1, min(8, len(indices) // (4 * workers)))
-        yield pool.imap(_work, throttle, chunksize=chunk), throttle.release
-        pool.close()
-    except BaseException:
-        throttle.stop()
-        pool.terminate()
-        raise
+        yield _ordered_results(executor, chunks, in_flight)
     finally:
-        pool.join()
+        executor.shutdown(wait=True, cancel_futures=True)
 
 
 # --- one cache ------------------------------------------------------------------------------------
@@ -224,14 +227,13 @@ def _write_cache(dataset, label: str, split, indices, preprocess, final_path, st
     tmp_path = temp_path_for(final_path)
     writer = None
     try:
-        with _results(dataset, indices, split, preprocess, kinds, workers) as (results, release):
+        with _results(dataset, indices, split, preprocess, kinds, workers) as results:
             writer = CacheWriter(tmp_path, joint_set.num_parts, preprocess.input_size, len(indices))
             rows: list[dict] = []
             without_torso = 0
             bar = tqdm(results, total=len(indices), disable=not progress, unit="img",
                        desc=f"{final_path.name}", dynamic_ncols=True)
             for result in bar:
-                release()
                 if result[0] == "skip":
                     _, reason, message = result
                     if strict:

@@ -66,13 +66,15 @@ class FakeDataset:
 
     `fail_at`: load_image raises a plain (non-skip) error there, as a crashing reader would.
     `delay`: seconds per load_image (to make concurrent builds overlap).
+    `die_at`: the process reading that sample exits at once, as one killed by the OOM killer would.
     """
 
     joint_set = LSP
 
     def __init__(self, root: Path, count: int = 12, fail_at: int | None = None, delay: float = 0.0,
-                 joints_shape: tuple[int, int] = (14, 3), split_size: int | None = None, all_tiny: bool = False):
-        self.root, self.count, self.fail_at, self.delay = Path(root), count, fail_at, delay
+                 joints_shape: tuple[int, int] = (14, 3), split_size: int | None = None, all_tiny: bool = False,
+                 die_at: int | None = None):
+        self.root, self.count, self.fail_at, self.delay, self.die_at = Path(root), count, fail_at, delay, die_at
         self.joints_shape, self.split_size, self.all_tiny = joints_shape, split_size, all_tiny
         self.root.mkdir(parents=True, exist_ok=True)
         rng = np.random.default_rng(0)
@@ -102,6 +104,8 @@ class FakeDataset:
             time.sleep(self.delay)
         if index == self.fail_at:
             raise RuntimeError(f"reader bug at sample {index}")
+        if index == self.die_at:
+            os._exit(9)
         image = cv2.imread(str(self.root / f"img{index}.png"))
         if image is None:
             raise SampleSkipped("unreadable_image", f"img{index}.png: not decodable")
@@ -363,6 +367,14 @@ def test_crashed_build_leaves_no_finished_looking_file(tmp_path, workers):
     path = build_cache(FakeDataset(tmp_path / "fake"), "train", small(workers=workers), cache_dir, progress=False)
     assert path == final and len(PoseCache(path)) == 12
     assert h5_files(cache_dir) == [path] and not stale.exists()
+
+
+def test_a_worker_that_dies_fails_the_build_instead_of_hanging(tmp_path):
+    cache_dir = tmp_path / "c"
+    with pytest.raises(RuntimeError, match="worker process died"):
+        build_cache(FakeDataset(tmp_path / "fake", count=40, die_at=21), "train", small(workers=2), cache_dir,
+                    progress=False)
+    assert h5_files(cache_dir) == [] and not list(cache_dir.glob(".*tmp-*"))
 
 
 # --- skips and errors -----------------------------------------------------------------------------
