@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
-import itertools
 import logging
 import multiprocessing
 import os
@@ -153,17 +152,16 @@ def _pool_context():
 def _ordered_results(executor: ProcessPoolExecutor, chunks: list, in_flight: int):
     """Results in the order of `chunks`, submitting a chunk only as one is consumed, so that at
     most `in_flight` chunks are queued or held (flat memory whatever the dataset size)."""
-    pending: deque = deque()
-    upcoming = iter(chunks)
-    for chunk in itertools.islice(upcoming, in_flight):
-        pending.append(executor.submit(_work_chunk, chunk))
+    pending = deque(executor.submit(_work_chunk, chunk) for chunk in chunks[:in_flight])
+    upcoming = iter(chunks[in_flight:])
     while pending:
         try:
             done = pending.popleft().result()
         except BrokenProcessPool as error:
             raise RuntimeError("a preprocessing worker process died (killed, or out of memory?); "
                                "no cache was written") from error
-        for chunk in itertools.islice(upcoming, 1):
+        chunk = next(upcoming, None)
+        if chunk is not None:
             pending.append(executor.submit(_work_chunk, chunk))
         yield from done
 
