@@ -321,22 +321,22 @@ def parse_scales(text: str | None) -> list[float] | None:
 def open_split_caches(config: ExperimentConfig, split: str, progress: bool = True,
                       max_samples: int | None = None) -> list:
     """PoseCaches of a split ('all' = train, val and test), built if needed."""
-    from preprocessing.build import build_cache
+    from preprocessing.build import EmptySplitError, build_cache
     from preprocessing.cache import PoseCache
 
     from preprocessing.datasets.base import DatasetError
 
+    # A damaged cache stops the evaluation with the command that rebuilds it (not rebuilt here).
     if split != "all":
         return [PoseCache(build_cache(config.data.spec, split, config.preprocess, config.data.cache_dir,
-                                      progress=progress, max_samples=max_samples))]
+                                      progress=progress, max_samples=max_samples, rebuild_damaged=False))]
     caches = []
     for part in ("train", "val", "test"):  # a small directory may leave a split empty
         try:
             caches.append(PoseCache(build_cache(config.data.spec, part, config.preprocess, config.data.cache_dir,
-                                                progress=progress, max_samples=max_samples)))
-        except DatasetError as exc:
-            if "is empty" not in str(exc):
-                raise
+                                                progress=progress, max_samples=max_samples, rebuild_damaged=False)))
+        except EmptySplitError:
+            pass
     if not caches:
         raise DatasetError(f"data spec {config.data.spec!r} has no samples to evaluate")
     return caches

@@ -162,9 +162,9 @@ def open_caches(config: ExperimentConfig, ctx: WorkerContext, splits=("train", "
 
     caps = {"train": config.data.max_train_samples, "val": config.data.max_val_samples, "test": None}
 
-    def build(split: str):
+    def build(split: str):  # a damaged cache stops training with the command that rebuilds it
         return build_cache(config.data.spec, split, config.preprocess, config.data.cache_dir,
-                           progress=progress and ctx.is_chief, max_samples=caps[split])
+                           progress=progress and ctx.is_chief, max_samples=caps[split], rebuild_damaged=False)
 
     missing = [split for split in splits if split not in cache_paths]
     if ctx.world_size > 1:
@@ -373,14 +373,12 @@ TEST_CURVE_ALPHAS = [round(0.05 * i, 2) for i in range(11)]  # 0 to 0.5, a subse
 def score_test_split(model, config: ExperimentConfig, ctx: WorkerContext, flip_permutation, progress: bool,
                      cache_paths: dict | None = None) -> dict | None:
     """test_pck, test_pck_stage{t}, test_pck_{joint}, ... or None when the data has no test split."""
-    from preprocessing.datasets.base import DatasetError
+    from preprocessing.build import EmptySplitError
 
     try:
         test_cache = open_caches(config, ctx, ("test",), progress, cache_paths)["test"]
-    except DatasetError as exc:
-        if "empty" in str(exc):
-            return None
-        raise
+    except EmptySplitError:
+        return None
     counts, _ = validate(model, test_cache, config, ctx, config.train.batch_size, flip_permutation)
     out = summarize(counts, test_cache.joint_names, prefix="test_")
     out["test_num_samples"] = counts.num_samples

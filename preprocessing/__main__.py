@@ -1,10 +1,15 @@
-"""Command line: build (or find) the HDF5 caches of a dataset.
+"""Command line: build (or find) the HDF5 caches of a dataset; check cache files.
 
     python -m preprocessing build --data lspet:/data/lspet --out /data/cache --size 368 --split all
+    python -m preprocessing verify /data/cache/lspet-val-368px-*.h5
 
-Prints one line per split: "hit" or "built", the split and the cache path. Bad input exits with
-code 2 and a one-line message. Values come from the config (--config FILE, --set k=v), then from
-the explicit flags (--data, --size, --sigma, --workers), which win.
+build prints one line per split: "hit" or "built", the split and the cache path; a damaged cache
+is rebuilt (with a warning naming it). With --split all, an empty split (a small dataset's hash
+split can leave one empty) is named in a warning and the others are built; it is an error only
+when every split is empty. verify prints "ok" or "damaged" and the reason per file (the full
+checksum) and exits 2 if any is damaged. Bad input exits with code 2 and a one-line message.
+Values come from the config (--config FILE, --set k=v), then from the explicit flags (--data,
+--size, --sigma, --workers), which win.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import sys
 from cpm_model.config import ConfigError, add_config_arguments, load_config
 
 from .build import SPLITS, build_caches_with_status
+from .cache import CacheDamagedError, check_cache
 from .datasets.base import DatasetError
 
 
@@ -35,7 +41,22 @@ def make_parser() -> argparse.ArgumentParser:
     build.add_argument("--strict", action="store_true", help="fail on the first sample that cannot be used")
     build.add_argument("--quiet", action="store_true", help="no progress bar")
     add_config_arguments(build)
+    verify = commands.add_parser("verify", help="check cache files fully (completion record and checksums)")
+    verify.add_argument("paths", nargs="+", help="cache files (.h5)")
     return parser
+
+
+def verify_main(paths: list[str]) -> int:
+    damaged = 0
+    for path in paths:
+        try:
+            record = check_cache(path, full=True)
+        except (CacheDamagedError, FileNotFoundError) as exc:
+            damaged += 1
+            print(f"damaged\t{path}\t{getattr(exc, 'reason', exc)}")
+        else:
+            print(f"ok\t{path}\t{record['num_samples']} samples")
+    return 2 if damaged else 0
 
 
 def _config(args):
@@ -50,6 +71,8 @@ def _config(args):
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
+    if args.command == "verify":
+        return verify_main(args.paths)
     try:
         config = _config(args)
         if args.print_config:
@@ -60,10 +83,15 @@ def main(argv: list[str] | None = None) -> int:
         splits = SPLITS if args.split == "all" else (args.split,)
         results = build_caches_with_status(config.data.spec, splits, config.preprocess, config.data.cache_dir,
                                            strict=args.strict, progress=not args.quiet,
-                                           max_samples=args.max_samples)
+                                           max_samples=args.max_samples, skip_empty=len(splits) > 1)
+        if not results:
+            raise DatasetError(f"{config.data.spec}: every split ({', '.join(splits)}) is empty: nothing to cache")
     except (DatasetError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    for split in splits:
+        if split not in results:
+            print(f"warning: {config.data.spec} split '{split}' is empty: no cache written for it", file=sys.stderr)
     for split, (path, hit) in results.items():
         print(f"{'hit' if hit else 'built'}\t{split}\t{path}")
     return 0

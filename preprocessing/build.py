@@ -1,8 +1,11 @@
 """Build HDF5 pose caches: dataset -> person crops -> ideal belief maps -> one file per split.
 
 `build_cache` returns at once when the file for (dataset identity, split, content settings)
-exists (a hit: only the annotation-level identity is computed, no image is read). Otherwise it
-takes a lock next to the file (a second process asking for the same cache waits, then gets the
+exists and passes its integrity check (a hit: only the annotation-level identity is computed, no
+image is read; `preprocessing.cache.check_cache`, with the full checksum for files up to
+FULL_CHECK_MAX_BYTES). A damaged file is a miss: it is rebuilt, with a warning naming it (or, with
+`rebuild_damaged=False`, for readers, a CacheDamagedError that says how to rebuild it). Otherwise
+it takes a lock next to the file (a second process asking for the same cache waits, then gets the
 hit), preprocesses the samples in a pool of worker processes (decode, crop, warp, render), writes
 them in order, in blocks, from the parent (memory stays flat whatever the dataset size) into a
 temp file, and renames it into place. A failed build leaves only a temp file that is never taken
@@ -16,6 +19,7 @@ import fcntl
 import logging
 import multiprocessing
 import os
+import shlex
 import warnings
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
@@ -33,7 +37,8 @@ from cpm_model.heatmaps import STRIDE, render_belief_maps
 from cpm_model.joints import torso_size
 
 from . import crops
-from .cache import LAYOUT, CacheWriter, cache_file_name, cache_key, stale_temp_files, temp_path_for
+from .cache import (LAYOUT, CacheDamagedError, CacheWriter, cache_file_name, cache_key, check_cache,
+                    full_check_is_cheap, stale_temp_files, temp_path_for)
 from .datasets.base import DatasetError, PoseDataset, SampleSkipped
 
 log = logging.getLogger(__name__)
@@ -46,6 +51,18 @@ MAX_SKIP_EXAMPLES = 5
 
 class SkippedSamplesWarning(UserWarning):
     """Some samples could not be used and were left out of a cache."""
+
+
+class DamagedCacheRebuiltWarning(UserWarning):
+    """A cache file failed its integrity check and was rebuilt."""
+
+
+class EmptySplitError(DatasetError):
+    """The split has no sample to cache (a small dataset's hash split can leave one empty)."""
+
+    def __init__(self, label: str, split: str):
+        self.split = split
+        super().__init__(f"{label} split '{split}' is empty: nothing to cache")
 
 
 def content_settings(preprocess: PreprocessConfig) -> dict:
@@ -307,22 +324,57 @@ def cache_path_for(dataset: PoseDataset, split: str, preprocess: PreprocessConfi
     return directory / cache_file_name(identity, split, preprocess.input_size, key)
 
 
-def _build_one(dataset, label, split, preprocess, cache_dir, strict, progress, max_samples) -> tuple[Path, bool]:
+def rebuild_command(label: str, split: str, preprocess: PreprocessConfig, cache_dir,
+                    max_samples: int | None = None) -> str:
+    """The `python -m preprocessing build` command line that (re)builds this cache."""
+    words = ["python", "-m", "preprocessing", "build", "--data", label, "--split", split,
+             "--size", str(preprocess.input_size), "--out", os.fspath(cache_dir)]
+    defaults = content_settings(PreprocessConfig())
+    for key, value in content_settings(preprocess).items():
+        if key != "input_size" and value != defaults.get(key):
+            words += ["--set", f"preprocess.{key}={value}"]
+    if max_samples is not None:
+        words += ["--max-samples", str(max_samples)]
+    return shlex.join(words)
+
+
+def _damage(path: Path, hint: str) -> CacheDamagedError | None:
+    """None when the file at `path` passes its check, else the error saying what is wrong."""
+    try:
+        check_cache(path, full=full_check_is_cheap(path), hint=hint)
+    except CacheDamagedError as exc:
+        return exc
+    return None
+
+
+def _build_one(dataset, label, split, preprocess, cache_dir, strict, progress, max_samples,
+               rebuild_damaged: bool = True) -> tuple[Path, bool]:
     if split not in SPLITS:
         raise DatasetError(f"unknown split {split!r}; expected one of {list(SPLITS)}")
     final_path = cache_path_for(dataset, split, preprocess, cache_dir, max_samples)
+    hint = f"rebuild it with: {rebuild_command(label, split, preprocess, cache_dir, max_samples)}"
     if final_path.is_file():
-        return final_path, True
+        damage = _damage(final_path, hint)
+        if damage is None:
+            return final_path, True
+        if not rebuild_damaged:
+            raise damage
     indices = _select_indices(dataset, split, max_samples)
     if len(indices) == 0:
-        raise DatasetError(f"{label} split '{split}' is empty: nothing to cache")
+        raise EmptySplitError(label, split)
     _check_samples(dataset, indices)
     final_path.parent.mkdir(parents=True, exist_ok=True)
     with _exclusive_lock(final_path.with_name(final_path.name + ".lock")):
-        if final_path.is_file():  # built by another process while we waited
+        damage = _damage(final_path, hint) if final_path.is_file() else None
+        if final_path.is_file() and damage is None:  # built (or repaired) by another process while we waited
             return final_path, True
         for stale in stale_temp_files(final_path):  # we hold the lock: these are from crashed builds
             stale.unlink(missing_ok=True)
+        if damage is not None:
+            message = f"{final_path} is damaged ({damage.reason}): rebuilding it"
+            log.warning(message)
+            warnings.warn(message, DamagedCacheRebuiltWarning, stacklevel=4)
+        # The new file replaces the damaged one atomically (readers that have it open keep the old inode).
         _write_cache(dataset, label, split, indices, preprocess, final_path, strict, progress,
                      _cache_extra(max_samples))
         return final_path, False
@@ -330,26 +382,38 @@ def _build_one(dataset, label, split, preprocess, cache_dir, strict, progress, m
 
 def build_caches_with_status(data_spec, splits=SPLITS, preprocess: PreprocessConfig | None = None,
                              cache_dir=None, strict: bool = False, progress: bool = True,
-                             max_samples: int | None = None) -> dict[str, tuple[Path, bool]]:
-    """{split: (path, hit)}: like `build_caches`, also saying whether each file already existed."""
+                             max_samples: int | None = None, rebuild_damaged: bool = True,
+                             skip_empty: bool = False) -> dict[str, tuple[Path, bool]]:
+    """{split: (path, hit)}: like `build_caches`, also saying whether each file already existed
+    (and passed its check). With `skip_empty`, an empty split is left out of the result instead of
+    raising EmptySplitError."""
     if cache_dir is None:
         raise ValueError("cache_dir is required")
     preprocess = preprocess or PreprocessConfig()
     dataset, label = _resolve_dataset(data_spec)
-    return {split: _build_one(dataset, label, split, preprocess, cache_dir, strict, progress, max_samples)
-            for split in splits}
+    out = {}
+    for split in splits:
+        try:
+            out[split] = _build_one(dataset, label, split, preprocess, cache_dir, strict, progress, max_samples,
+                                    rebuild_damaged)
+        except EmptySplitError:
+            if not skip_empty:
+                raise
+    return out
 
 
 def build_cache(data_spec, split: str, preprocess: PreprocessConfig, cache_dir, strict: bool = False,
-                progress: bool = True, max_samples: int | None = None) -> Path:
+                progress: bool = True, max_samples: int | None = None, rebuild_damaged: bool = True) -> Path:
     """Path of the HDF5 cache of `split` ('train', 'val' or 'test') of `data_spec` (a spec string
-    such as 'lspet:/data/lspet', or a dataset object), built if it does not exist yet.
+    such as 'lspet:/data/lspet', or a dataset object), built if it does not exist yet or is damaged.
 
     `strict` turns the first skipped sample into a DatasetError; `max_samples` keeps the first N
-    samples of the split (a different cache). Raises DatasetError for bad input, before writing.
+    samples of the split (a different cache). Raises DatasetError for bad input, before writing
+    (EmptySplitError for an empty split). `rebuild_damaged=False` (readers): a damaged file raises
+    CacheDamagedError with the command that rebuilds it instead of being rebuilt here.
     """
     return build_caches_with_status(data_spec, [split], preprocess, cache_dir, strict, progress,
-                                    max_samples)[split][0]
+                                    max_samples, rebuild_damaged)[split][0]
 
 
 def build_caches(data_spec, splits=SPLITS, preprocess: PreprocessConfig | None = None, cache_dir=None,

@@ -17,6 +17,14 @@ Attributes: format_version, num_samples, num_without_torso, joint_set, joint_nam
 flip_pairs (JSON), settings (JSON), crop_rule (JSON), source (JSON dataset identity),
 data_spec, split, skipped (JSON reason -> count), skipped_examples (JSON reason -> first names).
 
+Completion record, written last, after every sample and attribute: `completion` (JSON: the sample
+count, each dataset's shape and the CRC-32 of its rows' bytes in order, computed while writing) and
+`file_size` (the finished file's size in bytes). Opening a cache checks the record cheaply (present,
+file size, every dataset's shape against the sample count; no data read); `check_cache(full=True)`
+also recomputes the checksums (one sequential read of the file). A file that fails either check is
+damaged (`CacheDamagedError`); one without a record was written by an older version or never
+finished, and counts as damaged too.
+
 Layout (bench/RESULTS.md has the measurements, 368 px, random batches of 32): one sample per
 chunk, so that a random training batch reads exactly its samples. Images uncompressed: lzf /
 gzip-1 save 27% / 37% of the space but read 5-10x slower (560 / 300 vs 2,900 samples/s).
@@ -35,13 +43,27 @@ import hashlib
 import json
 import os
 import re
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
 import numpy as np
 
+from .datasets.base import DatasetError
+
 FORMAT_VERSION = 1
+COMPLETION_ATTR = "completion"
+FILE_SIZE_ATTR = "file_size"
+VERIFY_BLOCK_BYTES = 32 * 2**20  # rows read per step of a full check
+# Files up to this size get the full check wherever they are checked (a build's hit, a node's copy):
+# well under a second on 2 cores (bench/RESULTS.md, "Preprocessing"). Larger ones get the cheap
+# check there, and the full one when copied to a node or by `python -m preprocessing verify`.
+FULL_CHECK_MAX_BYTES = 256 * 2**20
+
+
+def full_check_is_cheap(path: str | os.PathLike) -> bool:
+    return os.path.getsize(path) <= FULL_CHECK_MAX_BYTES
 TMP_MARKER = ".tmp-"  # temp files: ".<name>.tmp-<pid>-<random>", never ending in ".h5"
 
 # name -> (dtype, per-sample shape as a function of (num_parts, input_size), compression)
@@ -108,6 +130,7 @@ class CacheWriter:
     def __init__(self, path: Path, num_parts: int, input_size: int, expected_samples: int):
         self.path = Path(path)
         self.num_samples = 0
+        self._crc32 = dict.fromkeys(LAYOUT, 0)  # running checksum of each dataset's rows, in order
         self._file = h5py.File(self.path, "w", libver="latest")
         for name, (dtype, shape_of, compression) in LAYOUT.items():
             shape = shape_of(num_parts, input_size)
@@ -120,10 +143,12 @@ class CacheWriter:
         if count == 0:
             return
         start, stop = self.num_samples, self.num_samples + count
-        for name in LAYOUT:
+        for name, (dtype, _, _) in LAYOUT.items():
+            rows = np.ascontiguousarray(block[name], dtype=dtype)  # the bytes the file will hold
             dataset = self._file[name]
             dataset.resize(stop, axis=0)
-            dataset[start:stop] = block[name]
+            dataset[start:stop] = rows
+            self._crc32[name] = zlib.crc32(rows, self._crc32[name])
         self.num_samples = stop
 
     def finish(self, attrs: dict) -> None:
@@ -131,7 +156,23 @@ class CacheWriter:
             self._file.attrs[key] = _to_attr(value)
         self._file.attrs["num_samples"] = self.num_samples
         self._file.attrs["format_version"] = FORMAT_VERSION
+        record = {"num_samples": self.num_samples,
+                  "datasets": {name: {"shape": list(self._file[name].shape), "crc32": self._crc32[name]}
+                               for name in LAYOUT}}
+        self._file.attrs[COMPLETION_ATTR] = json.dumps(record)
+        self._file.attrs[FILE_SIZE_ATTR] = np.int64(0)  # set below, in place, once the size is known
         self._file.close()
+        self._record_file_size()
+
+    def _record_file_size(self) -> None:
+        """Store the closed file's size in its own `file_size` attribute. Rewriting a fixed-size
+        attribute does not move anything, so the size stays the one recorded (checked)."""
+        size = os.path.getsize(self.path)
+        with h5py.File(self.path, "r+", locking=False) as file:
+            file.attrs.modify(FILE_SIZE_ATTR, np.int64(size))
+        if os.path.getsize(self.path) != size:
+            raise OSError(f"{self.path}: recording the file size changed it "
+                          f"({size} -> {os.path.getsize(self.path)} bytes)")
 
     def close(self) -> None:
         if self._file.id.valid:
@@ -191,9 +232,90 @@ def pread_rows(fd: int, block: np.ndarray, offsets: np.ndarray, what: str) -> No
             raise OSError(f"{what} is truncated (read {got} of {row_bytes} bytes at offset {offset})")
 
 
+# --- integrity ------------------------------------------------------------------------------------
+
+
+REBUILD_HINT = "rebuild it with `python -m preprocessing build` and the same data and settings"
+
+
+class CacheDamagedError(DatasetError):
+    """A cache file that cannot be trusted: truncated, corrupt, unfinished or without its record."""
+
+    def __init__(self, path, reason: str, hint: str = REBUILD_HINT):
+        self.path, self.reason = Path(path), reason
+        super().__init__(f"pose cache {path} is damaged: {reason}; {hint}")
+
+
+def _open_h5(path: Path, **kwargs) -> h5py.File:
+    try:
+        return h5py.File(path, "r", locking=False, **kwargs)
+    except OSError as exc:  # HDF5 itself notices a file shorter than its superblock says
+        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CacheDamagedError(path, f"not a readable HDF5 file ({first_line})") from None
+
+
+def check_record(file: h5py.File, path: Path) -> dict:
+    """The completion record of an open cache after the cheap checks (record present, file size,
+    every dataset's shape and dtype); CacheDamagedError otherwise. Reads no sample."""
+    if COMPLETION_ATTR not in file.attrs or FILE_SIZE_ATTR not in file.attrs:
+        raise CacheDamagedError(path, "it has no completion record (written by an older version of "
+                                      "cpm-pipeline, or never finished)")
+    try:
+        record = json.loads(file.attrs[COMPLETION_ATTR])
+        recorded_size, num_samples = int(file.attrs[FILE_SIZE_ATTR]), int(record["num_samples"])
+        shapes = {name: tuple(record["datasets"][name]["shape"]) for name in LAYOUT}
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CacheDamagedError(path, f"its completion record is unreadable ({type(exc).__name__})") from None
+    size = os.path.getsize(path)
+    if size != recorded_size:
+        raise CacheDamagedError(path, f"it is {size} bytes, its completion record says {recorded_size}")
+    for name, (dtype, _, _) in LAYOUT.items():
+        if name not in file:
+            raise CacheDamagedError(path, f"dataset {name!r} is missing")
+        dataset = file[name]
+        if dataset.shape != shapes[name] or dataset.shape[:1] != (num_samples,) or dataset.dtype != dtype:
+            raise CacheDamagedError(path, f"dataset {name!r} is {dataset.dtype} {dataset.shape}; the completion "
+                                          f"record says {np.dtype(dtype)} {shapes[name]} ({num_samples} samples)")
+    return record
+
+
+def dataset_crc32(dataset: h5py.Dataset) -> int:
+    """CRC-32 of a dataset's rows in order (the value CacheWriter records), in blocks of rows."""
+    row_bytes = max(1, dataset.dtype.itemsize * int(np.prod(dataset.shape[1:], dtype=np.int64)))
+    step = max(1, VERIFY_BLOCK_BYTES // row_bytes)
+    crc = 0
+    for start in range(0, dataset.shape[0], step):
+        crc = zlib.crc32(np.ascontiguousarray(dataset[start:start + step]), crc)
+    return crc
+
+
+def check_cache(path: str | os.PathLike, full: bool = False, hint: str = REBUILD_HINT) -> dict:
+    """The completion record of the cache at `path` after the cheap checks and, with `full`, the
+    checksum of every dataset; CacheDamagedError naming the file otherwise (FileNotFoundError when
+    there is no file). Cost: milliseconds cheap; full, one sequential read of the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"pose cache {path} does not exist")
+    try:
+        with _open_h5(path) as file:
+            record = check_record(file, path)
+            if full:
+                for name in LAYOUT:
+                    expected, actual = record["datasets"][name]["crc32"], dataset_crc32(file[name])
+                    if actual != expected:
+                        raise CacheDamagedError(path, f"dataset {name!r} does not match its checksum "
+                                                      f"(crc32 {actual:08x}, recorded {expected:08x})")
+    except CacheDamagedError as exc:
+        raise CacheDamagedError(path, exc.reason, hint) from None
+    except (OSError, RuntimeError) as exc:  # HDF5 cannot read a chunk or its index
+        raise CacheDamagedError(path, f"reading it failed ({type(exc).__name__}: {exc})", hint) from None
+    return record
+
+
 class PoseCache:
     """Lazy reader of one cache file. Picklable: the h5py handle is opened on first use in each
-    process (and reopened after a fork), never pickled."""
+    process (and reopened after a fork), never pickled. Each open checks the completion record
+    cheaply (`check_record`: no sample is read); reads themselves are not checked."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -220,7 +342,13 @@ class PoseCache:
         if self._file is None or self._pid != os.getpid():
             # locking=False: read-only use, and file locks fail on some shared filesystems.
             # No chunk cache: each chunk is one sample, read once per request (flat memory too).
-            self._file = h5py.File(self.path, "r", locking=False, rdcc_nbytes=0)
+            file = _open_h5(self.path, rdcc_nbytes=0)
+            try:
+                check_record(file, self.path)
+            except CacheDamagedError:
+                file.close()
+                raise
+            self._file = file
             self._pid = os.getpid()
             # The same inode as the h5py handle, even if the file is atomically replaced later.
             self._fd = os.open(self.path, os.O_RDONLY)
