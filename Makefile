@@ -6,12 +6,13 @@ PYTHON ?= python3
 TORCH_SPEC ?= torch==2.13.0
 STAMP := .cache/installed-$(shell $(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])').stamp
 RAY_DASHBOARD ?= http://127.0.0.1:8265
-# A new local Ray cluster turns on token authentication; its clients must send the token.
+# The local cluster runs with token authentication; every client (ray status, ray job submit, the
+# job's driver) sends the token from ~/.ray/auth_token, which cluster-up creates when it is missing.
 export RAY_AUTH_MODE ?= token
 SWEEP_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install browser sweep test cluster-up cluster-down
+.PHONY: install services sweep test cluster-up cluster-down auth-token constraints
 
 # Installs (editable) unless the stamp is newer than pyproject.toml AND the installed package is
 # this checkout (another clone's editable install would otherwise be tested instead).
@@ -19,15 +20,29 @@ INSTALLED_HERE := cd / && $(PYTHON) -c 'import cpm_model, os, sys; \
 	sys.exit(os.path.dirname(os.path.dirname(os.path.realpath(cpm_model.__file__))) != sys.argv[1])' \
 	"$(realpath $(CURDIR))" 2>/dev/null
 
+# Every package at the version in constraints.txt (the same file a cluster's nodes install from).
 install:
-	@if [ -f $(STAMP) ] && [ $(STAMP) -nt pyproject.toml ] && ($(INSTALLED_HERE)); then :; else \
+	@if [ -f $(STAMP) ] && [ $(STAMP) -nt pyproject.toml ] && [ $(STAMP) -nt constraints.txt ] && \
+		($(INSTALLED_HERE)); then :; else \
 		echo "installing PyTorch ($(TORCH_SPEC)) and this project (editable, with test extras)"; \
-		$(PYTHON) -m pip install --quiet "$(TORCH_SPEC)" && \
-		$(PYTHON) -m pip install --quiet -e ".[test]" && \
+		$(PYTHON) -m pip install --quiet -c constraints.txt "$(TORCH_SPEC)" && \
+		$(PYTHON) -m pip install --quiet -c constraints.txt -e ".[test]" && \
 		mkdir -p .cache && touch $(STAMP); fi
 
+# After changing pyproject.toml's dependencies: pin what the tested environment has.
+constraints:
+	$(PYTHON) tools/freeze_constraints.py > constraints.txt.tmp && mv constraints.txt.tmp constraints.txt
+
+# `ray start --head` refuses token mode without a token, and only `ray.init()` would create one:
+# make it here (once, readable by this user only) unless the shell already supplies a token.
+auth-token:
+	@if [ -z "$${RAY_AUTH_TOKEN:-}$${RAY_AUTH_TOKEN_PATH:-}" ] && [ ! -s "$$HOME/.ray/auth_token" ]; then \
+		(umask 077 && ray get-auth-token --generate >/dev/null 2>&1) || \
+			{ echo "could not create ~/.ray/auth_token (ray get-auth-token --generate)"; exit 1; }; \
+		echo "created a Ray authentication token in ~/.ray/auth_token"; fi
+
 # Start a single-node Ray head here unless one is reachable (the job then runs in this directory).
-cluster-up: install
+cluster-up: install auth-token
 	@ray status >/dev/null 2>&1 || ray start --head --include-dashboard=true --disable-usage-stats
 
 cluster-down:
@@ -36,9 +51,13 @@ cluster-down:
 sweep: cluster-up
 	RAY_ADDRESS=$(RAY_DASHBOARD) ray job submit -- $(PYTHON) pipeline/sweep.py $(SWEEP_ARGS)
 
-# The MLflow UI test drives Debian's chromium (browsers cannot be downloaded by the test tools).
-browser:
-	@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
+# Debian packages the tests run for real: chromium (the MLflow UI test; browsers cannot be
+# downloaded by the test tools) and a PostgreSQL server (the MLflow store on a database server).
+services:
+	@missing=""; command -v chromium >/dev/null || missing="chromium"; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	if [ -n "$$missing" ]; then apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi
 
-test: install browser
+test: install services
 	$(PYTHON) -m pytest -q --durations=20 $(PYTEST_ARGS)

@@ -15,6 +15,7 @@ from cpm_model.config import ExperimentConfig
 
 from . import tracking
 from .mlflow_callback import MLflowTrialLogger
+from .node_versions import VersionMismatchError, check_cluster_versions
 from .resources import TRIAL_DRIVER_RESOURCES, plan_resources
 from .sweep_space import TrialSpec
 from .trial import run_trial
@@ -123,6 +124,10 @@ def run_sweep(config: ExperimentConfig, trials: list[TrialSpec], resume: str | N
     print(f"Tracking: {uri}\nSweep id: {sweep_id}  (checkpoints under {storage / sweep_id})", flush=True)
 
     connect_ray()
+    try:
+        driver_versions = check_cluster_versions()
+    except VersionMismatchError as exc:
+        raise SweepError(str(exc)) from None
     plan = plan_resources(ray.cluster_resources(), config.sweep.workers_per_trial, config.sweep.use_gpu,
                           config.sweep.max_concurrent_trials, len(trials) * config.sweep.num_samples)
     print(f"Resources: {plan.describe()}", flush=True)
@@ -148,7 +153,7 @@ def run_sweep(config: ExperimentConfig, trials: list[TrialSpec], resume: str | N
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base_config=config.to_dict(), plan=plan, sweep_id=sweep_id,
                              storage_path=str(storage), cache_paths=cache_paths, cache_node_id=cache_node_id,
-                             max_failures=config.sweep.max_failures),
+                             max_failures=config.sweep.max_failures, driver_versions=driver_versions),
         TRIAL_DRIVER_RESOURCES)
     experiment_path = str(storage / sweep_id)
     if resume:

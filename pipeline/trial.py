@@ -12,6 +12,7 @@ import logging
 import os
 from pathlib import Path
 
+import ray
 import ray.train
 from ray import tune
 from ray.train.torch import TorchTrainer
@@ -27,10 +28,14 @@ from .sweep_space import make_trial
 def worker_loop(loop_config: dict) -> None:
     """Runs in every Ray Train worker."""
     from . import cache_sync
+    from .node_versions import check_worker_versions
     from .ray_context import RayTrainContext
     from .training import train_worker
 
     _quiet_train_reports()
+    # A node that joined after the sweep's start was not checked there.
+    check_worker_versions(ray.util.get_node_ip_address() + f" ({ray.get_runtime_context().get_node_id()[:8]})",
+                          loop_config["driver_versions"])
     ctx = RayTrainContext(cpus_per_worker=loop_config["cpus_per_worker"])
     config = from_dict(loop_config["config"])
     cache_paths = None
@@ -75,7 +80,8 @@ def _write_artifacts(directory: Path, result: dict, config, val_cache) -> None:
 
 
 def run_trial(trial_config: dict, base_config: dict, plan: ResourcePlan, sweep_id: str, storage_path: str,
-              cache_paths: dict[str, dict[str, str]], cache_node_id: str, max_failures: int) -> None:
+              cache_paths: dict[str, dict[str, str]], cache_node_id: str, max_failures: int,
+              driver_versions: dict[str, str]) -> None:
     """The Tune trainable. `trial_config` = {"trial": {...grid point...}, "search": {...sampled...}}."""
     spec = make_trial(from_dict(base_config), trial_overrides(trial_config))
     resources = {"CPU": plan.cpus_per_worker}
@@ -88,7 +94,7 @@ def run_trial(trial_config: dict, base_config: dict, plan: ResourcePlan, sweep_i
         train_loop_config={"config": spec.config.to_dict(), "cpus_per_worker": plan.cpus_per_worker,
                            # None when a searched value changes preprocessing: the workers build it.
                            "cache_paths": cache_paths.get(spec.key), "cache_node_id": cache_node_id,
-                           "artifacts_dir": artifacts_dir},
+                           "artifacts_dir": artifacts_dir, "driver_versions": driver_versions},
         scaling_config=ray.train.ScalingConfig(num_workers=plan.workers_per_trial, use_gpu=plan.use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(

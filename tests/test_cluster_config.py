@@ -30,3 +30,41 @@ def test_validation_catches_a_bad_value(cluster_config):
     broken["available_node_types"]["gpu_worker"]["min_workers"] = "two"
     with pytest.raises(Exception, match="min_workers"):
         validate_config(prepare_config(broken))
+
+
+def _start_commands(cluster_config) -> list[str]:
+    return cluster_config["head_start_ray_commands"] + cluster_config["worker_start_ray_commands"]
+
+
+def test_every_node_starts_ray_with_token_auth_and_the_same_token(cluster_config):
+    ray_starts = [c for c in _start_commands(cluster_config) if "ray start" in c]
+    assert len(ray_starts) == 2
+    assert all("RAY_AUTH_MODE=token" in c.split("ray start")[0] for c in ray_starts)
+    # One token for every node, copied from the user's machine: a path in the home, never the repo.
+    assert cluster_config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+
+
+def test_no_secret_file_is_in_the_repository(repo_root):
+    import subprocess
+
+    tracked = subprocess.run(["git", "ls-files"], cwd=repo_root, capture_output=True, text=True).stdout.split()
+    assert not [path for path in tracked if path.endswith(("auth_token", "mlflow-backend-uri"))]
+
+
+def test_nodes_install_pinned_versions_from_the_constraints_file(cluster_config, repo_root):
+    installs = [c for c in cluster_config["setup_commands"] if "pip install" in c]
+    assert installs and all("-c constraints.txt" in c for c in installs)
+    pins = dict(line.split("==") for line in (repo_root / "constraints.txt").read_text().splitlines()
+                if line and not line.startswith("#"))
+    from importlib import metadata
+
+    for package in ("ray", "torch", "mlflow"):
+        assert pins[package] == metadata.version(package).split("+")[0], package
+
+
+def test_mlflow_runs_live_in_postgresql_outside_the_cluster(cluster_config):
+    head = " ".join(cluster_config["head_start_ray_commands"])
+    assert "sqlite" not in head
+    assert 'MLFLOW_BACKEND_STORE_URI="$(cat ~/.cpm-pipeline/mlflow-backend-uri)"' in head
+    assert "--artifacts-destination /shared/" in head
+    assert "~/.cpm-pipeline/mlflow-backend-uri" in cluster_config["file_mounts"]
