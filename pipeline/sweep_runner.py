@@ -16,7 +16,8 @@ from cpm_model.config import ExperimentConfig
 from . import tracking
 from .mlflow_callback import MLflowTrialLogger
 from .node_versions import VersionMismatchError, check_cluster_versions
-from .resources import TRIAL_DRIVER_RESOURCES, plan_resources
+from .cluster_capacity import cluster_capacity
+from .resources import TRIAL_DRIVER_RESOURCES, ResourceError, plan_resources
 from .sweep_space import TrialSpec
 from .trial import run_trial
 
@@ -115,7 +116,6 @@ def run_sweep(config: ExperimentConfig, trials: list[TrialSpec], resume: str | N
     except tracking.TrackingError as exc:
         raise SweepError(str(exc)) from None
     storage = Path(config.sweep.storage_path).expanduser().resolve()
-    storage.mkdir(parents=True, exist_ok=True)
     if resume:
         sweep_id = latest_sweep_id(storage, config.name) if resume == "latest" else resume
         if not tune.Tuner.can_restore(str(storage / sweep_id)):
@@ -128,9 +128,13 @@ def run_sweep(config: ExperimentConfig, trials: list[TrialSpec], resume: str | N
         driver_versions = check_cluster_versions()
     except VersionMismatchError as exc:
         raise SweepError(str(exc)) from None
-    plan = plan_resources(ray.cluster_resources(), config.sweep.workers_per_trial, config.sweep.use_gpu,
-                          config.sweep.max_concurrent_trials, len(trials) * config.sweep.num_samples)
+    try:  # from what the cluster has and what its autoscaler may add; before anything is written
+        plan = plan_resources(cluster_capacity(), config.sweep.workers_per_trial, config.sweep.use_gpu,
+                              config.sweep.max_concurrent_trials, len(trials) * config.sweep.num_samples)
+    except ResourceError as exc:
+        raise SweepError(str(exc)) from None
     print(f"Resources: {plan.describe()}", flush=True)
+    storage.mkdir(parents=True, exist_ok=True)
     cache_paths = build_caches(trials)
     cache_node_id = ray.get_runtime_context().get_node_id()
 

@@ -3,7 +3,7 @@
 import pytest
 
 from cpm_model.config import ConfigError, load_config
-from pipeline.resources import plan_resources
+from pipeline.resources import ResourceError, plan_resources
 from pipeline.sweep_space import expand_grid, format_trial_table, make_trial, trial_key
 
 
@@ -51,27 +51,95 @@ def test_bad_grid_key_is_named():
         load_config(None, ["sweep.grid={model.stages: []}"])
 
 
+def one_node(**resources: float) -> dict:
+    return {"nodes": [resources], "node_types": [], "max_workers": None}
+
+
+def autoscaling(head_cpus: float, gpu_nodes: int, gpu_cpus: float, max_gpu_nodes: int, cap: int | None = None) -> dict:
+    """A CPU head alive, `gpu_nodes` of the gpu_worker type alive, up to `max_gpu_nodes` of them."""
+    nodes = [{"CPU": head_cpus}] + [{"CPU": gpu_cpus, "GPU": 1.0}] * gpu_nodes
+    return {"nodes": nodes, "max_workers": cap, "node_types": [
+        {"name": "gpu_worker", "resources": {"CPU": gpu_cpus, "GPU": 1.0}, "max_workers": max_gpu_nodes,
+         "alive": gpu_nodes}]}
+
+
 def test_resource_plan_two_cpus_runs_two_single_worker_trials():
-    plan = plan_resources({"CPU": 2.0}, workers_per_trial=1, use_gpu=None, max_concurrent_trials=None, num_trials=10)
+    plan = plan_resources(one_node(CPU=2.0), workers_per_trial=1, use_gpu=None, max_concurrent_trials=None, num_trials=10)
     assert (plan.max_concurrent_trials, plan.cpus_per_worker, plan.use_gpu) == (2, 1.0, False)
-    plan = plan_resources({"CPU": 2.0}, workers_per_trial=2, use_gpu=None, max_concurrent_trials=None, num_trials=10)
+    assert plan.describe() == ("2 trial(s) at a time, 1 worker(s) per trial, 1 CPU per worker "
+                               "(GPUs: none now; no node type adds GPUs)")
+    plan = plan_resources(one_node(CPU=2.0), workers_per_trial=2, use_gpu=None, max_concurrent_trials=None, num_trials=10)
     assert plan.max_concurrent_trials == 1
 
 
 def test_resource_plan_gpus():
-    plan = plan_resources({"CPU": 32.0, "GPU": 4.0}, workers_per_trial=2, use_gpu=None,
+    plan = plan_resources(one_node(CPU=32.0, GPU=4.0), workers_per_trial=2, use_gpu=None,
                           max_concurrent_trials=None, num_trials=10)
     assert (plan.max_concurrent_trials, plan.use_gpu, plan.gpus_per_worker, plan.cpus_per_worker) == (2, True, 1.0, 8.0)
     # Fewer trials than slots, and an explicit cap.
-    assert plan_resources({"CPU": 32.0, "GPU": 4.0}, 1, None, None, num_trials=3).max_concurrent_trials == 3
-    assert plan_resources({"CPU": 32.0, "GPU": 4.0}, 1, None, 2, num_trials=8).max_concurrent_trials == 2
+    assert plan_resources(one_node(CPU=32.0, GPU=4.0), 1, None, None, num_trials=3).max_concurrent_trials == 3
+    assert plan_resources(one_node(CPU=32.0, GPU=4.0), 1, None, 2, num_trials=8).max_concurrent_trials == 2
     # use_gpu false on a GPU cluster: CPU workers.
-    assert plan_resources({"CPU": 8.0, "GPU": 4.0}, 1, False, None, 8).use_gpu is False
+    assert plan_resources(one_node(CPU=8.0, GPU=4.0), 1, False, None, 8).use_gpu is False
 
 
-def test_resource_plan_rejects_too_few_cpus():
-    with pytest.raises(ValueError, match="sweep.workers_per_trial=4"):
-        plan_resources({"CPU": 2.0}, workers_per_trial=4, use_gpu=None, max_concurrent_trials=None, num_trials=1)
+def test_resource_plan_gpu_workers_fit_a_gpu_node_not_the_whole_cluster():
+    # A 16-CPU head and two 8-CPU one-GPU nodes: a worker gets a GPU node's 8 CPUs, not 40 / 2.
+    plan = plan_resources(autoscaling(16.0, gpu_nodes=2, gpu_cpus=8.0, max_gpu_nodes=2), 1, None, None, 10)
+    assert (plan.use_gpu, plan.cpus_per_worker, plan.max_concurrent_trials) == (True, 8.0, 2)
+
+
+def test_resource_plan_autoscaling_cluster_without_gpu_nodes_yet_plans_gpus():
+    # ray_cluster.yaml: a CPU head, no GPU node yet, up to 8 g5.2xlarge (8 CPU, 1 GPU).
+    capacity = autoscaling(16.0, gpu_nodes=0, gpu_cpus=8.0, max_gpu_nodes=8, cap=8)
+    plan = plan_resources(capacity, 1, None, None, num_trials=2)
+    assert (plan.use_gpu, plan.gpus_per_worker, plan.cpus_per_worker, plan.max_concurrent_trials) == (True, 1.0, 8.0, 2)
+    assert plan.describe() == ("2 trial(s) at a time, 1 worker(s) per trial, 1 GPU + 8 CPU per worker "
+                               "(GPUs: none now; node type gpu_worker can add up to 8 x 1 GPU)")
+    # Concurrency from what the cluster can have at most: 8 GPUs, 2 per trial.
+    assert plan_resources(capacity, 2, None, None, num_trials=10).max_concurrent_trials == 4
+    # Alive GPU nodes count once: 3 alive of at most 8 still means 8 GPUs.
+    plan = plan_resources(autoscaling(16.0, gpu_nodes=3, gpu_cpus=8.0, max_gpu_nodes=8), 1, None, None, 20)
+    assert plan.max_concurrent_trials == 8
+    assert plan.reason == "GPUs: 3 now; node type gpu_worker can add up to 5 x 1 GPU"
+    # The cluster's own cap on worker nodes bounds what the node types can add.
+    assert plan_resources(autoscaling(16.0, 0, 8.0, max_gpu_nodes=8, cap=3), 1, None, None, 20).max_concurrent_trials == 3
+
+
+def test_resource_plan_unlimited_node_type():
+    capacity = {"nodes": [{"CPU": 4.0}], "max_workers": None,
+                "node_types": [{"name": "gpu-group", "resources": {"CPU": 4.0, "GPU": 2.0}, "max_workers": None}]}
+    plan = plan_resources(capacity, 4, None, None, num_trials=6)
+    assert (plan.use_gpu, plan.cpus_per_worker, plan.max_concurrent_trials) == (True, 2.0, 6)
+    assert "node type gpu-group can add any number 2 GPU" in plan.reason
+
+
+def test_resource_plan_rejects_what_the_cluster_can_never_have():
+    with pytest.raises(ResourceError, match=r"sweep.workers_per_trial=4 needs 4 CPUs .* at most 2 "):
+        plan_resources(one_node(CPU=2.0), workers_per_trial=4, use_gpu=None, max_concurrent_trials=None, num_trials=1)
+    with pytest.raises(ResourceError, match=r"sweep.use_gpu=true, but the cluster has no GPU .*no node type adds GPUs"):
+        plan_resources(one_node(CPU=2.0), 1, True, None, 1)
+    with pytest.raises(ResourceError, match=r"sweep.workers_per_trial=4 needs 4 GPUs .* at most 2 \(GPUs: none now; "
+                                            r"node type gpu_worker can add up to 2 x 1 GPU\)"):
+        plan_resources(autoscaling(2.0, 0, 1.0, max_gpu_nodes=2), 4, None, None, 1)
+    # A CPU node type counts toward what the cluster can have.
+    capacity = {"nodes": [{"CPU": 2.0}], "max_workers": None,
+                "node_types": [{"name": "cpu_worker", "resources": {"CPU": 8.0}, "max_workers": 8, "alive": 0}]}
+    plan = plan_resources(capacity, 64, None, None, 1)
+    assert (plan.use_gpu, plan.max_concurrent_trials) == (False, 1)
+    assert plan.reason == "GPUs: none now; no node type adds GPUs; CPUs: 2 now; node type cpu_worker can add up to 8 x 8 CPU"
+
+
+def test_autoscaling_config_file_node_types():
+    from pipeline.cluster_capacity import parse_autoscaling_config
+
+    # The head's copy of ray_cluster.yaml after `ray up` filled in the resources of the instance types.
+    config = {"max_workers": 8, "head_node_type": "head", "available_node_types": {
+        "head": {"resources": {"CPU": 16}, "min_workers": 0, "max_workers": 0},
+        "gpu_worker": {"resources": {"CPU": 8, "GPU": 1, "accelerator_type:A10G": 1}, "min_workers": 0,
+                       "max_workers": 8}}}
+    assert parse_autoscaling_config(config) == {"max_workers": 8, "node_types": [
+        {"name": "gpu_worker", "resources": {"CPU": 8.0, "GPU": 1.0, "accelerator_type:A10G": 1.0}, "max_workers": 8}]}
 
 
 def test_variants_cross_the_grid():
