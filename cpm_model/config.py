@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -241,7 +242,7 @@ def validate(config: ExperimentConfig) -> None:
         value = getattr(getattr(config, section), key)
         if value not in choices:
             raise ConfigError(f"config key '{dotted}' must be one of {list(choices)}, got {value!r}")
-    m, t, p = config.model, config.train, config.preprocess
+    m, t, p, d, s = config.model, config.train, config.preprocess, config.data, config.sweep
     checks = [
         ("model.stages", m.stages >= 1, "an integer >= 1"),
         ("model.width", m.width > 0, "a positive number"),
@@ -261,8 +262,18 @@ def validate(config: ExperimentConfig) -> None:
         ("train.rotation_deg", 0 <= t.rotation_deg <= 180, "degrees in [0, 180]"),
         ("train.lr_step_epochs", t.lr_step_epochs >= 1, "an integer >= 1"),
         ("train.finetune_epochs", t.finetune_epochs >= 0, "an integer >= 0"),
-        ("sweep.workers_per_trial", config.sweep.workers_per_trial >= 1, "an integer >= 1"),
-        ("sweep.num_samples", config.sweep.num_samples >= 1, "an integer >= 1"),
+        ("train.max_steps_per_epoch", t.max_steps_per_epoch is None or t.max_steps_per_epoch >= 1,
+         "an integer >= 1 (or null for the whole split)"),
+        ("data.max_train_samples", d.max_train_samples is None or d.max_train_samples >= 1,
+         "an integer >= 1 (or null for all samples)"),
+        ("data.max_val_samples", d.max_val_samples is None or d.max_val_samples >= 1,
+         "an integer >= 1 (or null for all samples)"),
+        ("sweep.workers_per_trial", s.workers_per_trial >= 1, "an integer >= 1"),
+        ("sweep.num_samples", s.num_samples >= 1, "an integer >= 1"),
+        # Ray reads -1 as "retry for ever".
+        ("sweep.max_failures", s.max_failures >= 0, "an integer >= 0 (restarts of a trial's worker group)"),
+        ("sweep.max_concurrent_trials", s.max_concurrent_trials is None or s.max_concurrent_trials >= 1,
+         "an integer >= 1 (or null: derived from the cluster)"),
     ]
     for key, ok, expected in checks:
         if not ok:
@@ -275,9 +286,80 @@ def validate(config: ExperimentConfig) -> None:
             raise ConfigError(f"sweep.variants[{i}] must be a non-empty mapping of dotted keys, got {variant!r}")
         for dotted in variant:
             _check_dotted_key(dotted, where=f"sweep.variants[{i}]")
+    check_path_component(config.name, "config key 'name'")
+    if _URI_SCHEME.match(s.storage_path):
+        raise ConfigError(f"config key 'sweep.storage_path' is {s.storage_path!r}: cloud storage paths are not "
+                          "supported; use a path every node sees, e.g. a shared file system mount")
     for dotted, values in config.sweep.grid.items():
         if not isinstance(values, list) or not values:
             raise ConfigError(f"sweep.grid['{dotted}'] must be a non-empty list, got {values!r}")
+    _check_search_space(config)
+
+
+_URI_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+_PATH_COMPONENT = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$")
+SEARCH_DISTRIBUTIONS = ("loguniform", "uniform", "choice")
+
+
+def check_path_component(value: str, what: str) -> None:
+    """Names that become a directory (sweep ids, preset names): one safe path component."""
+    if not isinstance(value, str) or not _PATH_COMPONENT.match(value):
+        raise ConfigError(f"{what} is {value!r}: use letters, digits and '-', '_' or '.' "
+                          "(not first), e.g. 'stages-run2'")
+
+
+def _number(value: Any) -> float | None:
+    """A bound of a search distribution as a float (YAML 1.1 reads '1e-3' as a string), else None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _check_search_space(config: ExperimentConfig) -> None:
+    """Every grid value, variant and search distribution is checked here, when the config loads,
+    by applying it to this config: a bad one is named before any cache, run or trial exists."""
+    for dotted, values in config.sweep.grid.items():
+        for i, value in enumerate(values):
+            _check_point(config, {dotted: value}, f"sweep.grid['{dotted}'][{i}]")
+    for i, variant in enumerate(config.sweep.variants):
+        _check_point(config, variant, f"sweep.variants[{i}]")
+    for dotted, spec in config.sweep.search.items():
+        where = f"sweep.search['{dotted}']"
+        if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in SEARCH_DISTRIBUTIONS:
+            raise ConfigError(f"{where} must be {{loguniform: [lo, hi]}}, {{uniform: [lo, hi]}} or "
+                              f"{{choice: [v1, v2, ...]}}, got {spec!r}")
+        kind, args = next(iter(spec.items()))
+        if kind == "choice":
+            if not isinstance(args, list) or not args:
+                raise ConfigError(f"{where}: choice must be a non-empty list of values, got {args!r}")
+            points = args
+        else:
+            bounds = [_number(a) for a in args] if isinstance(args, list) and len(args) == 2 else [None]
+            if None in bounds:
+                raise ConfigError(f"{where}: {kind} must be [lo, hi], two numbers, got {args!r}")
+            lo, hi = bounds
+            if not lo < hi:
+                raise ConfigError(f"{where}: {kind} needs lo < hi, got [{lo:g}, {hi:g}]")
+            if kind == "loguniform" and lo <= 0:
+                raise ConfigError(f"{where}: loguniform needs bounds > 0, got [{lo:g}, {hi:g}]")
+            points = bounds
+            where += f" ({kind} draws floats; use choice for integers or booleans)"
+        for value in points:
+            _check_point(config, {dotted: value}, where)
+
+
+def _check_point(config: ExperimentConfig, overrides: dict[str, Any], where: str) -> None:
+    data = config.to_dict()
+    data["sweep"].update(grid={}, variants=[], search={})  # one point, not the whole space again
+    try:
+        for dotted, value in overrides.items():
+            _set_dotted(data, dotted, value)
+        from_dict(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 def _check_dotted_key(dotted: str, where: str) -> None:
@@ -307,24 +389,32 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
-    """A preset file (None = built-in defaults) with `section.key=value` overrides applied."""
-    data: dict[str, Any] = {}
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, *,
+                data: str | None = None, tracking_uri: str | None = None,
+                storage_path: str | None = None) -> ExperimentConfig:
+    """A preset file (None = built-in defaults) with `section.key=value` overrides applied, then
+    the command line's --data, --tracking-uri and --storage-path as plain strings (they win)."""
+    settings: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            settings = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
+        if not isinstance(settings, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(settings).__name__}")
     try:
         for text in overrides or []:
             key, value = parse_override(text)
-            _set_dotted(data, key, value)
-        return from_dict(data)
+            _set_dotted(settings, key, value)
+        # Taken verbatim, not as YAML: a path may hold '#', ': ' or spaces that YAML would cut.
+        verbatim = {"data.spec": data, "tracking.tracking_uri": tracking_uri, "sweep.storage_path": storage_path}
+        for dotted, value in verbatim.items():
+            if value is not None:
+                _set_dotted(settings, dotted, value)
+        return from_dict(settings)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}" if path is not None else str(exc)) from None
 

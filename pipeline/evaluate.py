@@ -318,6 +318,14 @@ def parse_scales(text: str | None) -> list[float] | None:
     return scales
 
 
+def check_counts(args) -> None:
+    """--batch-size and --max-samples are counts: 0 or less would score nothing (or drop samples)."""
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be an integer >= 1, got {args.batch_size}")
+    if args.max_samples is not None and args.max_samples < 1:
+        raise UsageError(f"--max-samples must be an integer >= 1 (or left out for all samples), got {args.max_samples}")
+
+
 def open_split_caches(config: ExperimentConfig, split: str, progress: bool = True,
                       max_samples: int | None = None) -> list:
     """PoseCaches of a split ('all' = train, val and test), built if needed."""
@@ -400,6 +408,7 @@ def run(args) -> dict:
     from pipeline.data import CacheBatches, eval_batches
 
     scales = parse_scales(args.scales)
+    check_counts(args)
     if getattr(args, "run_id", None):
         from pipeline.tracking import best_checkpoint_of_run
 

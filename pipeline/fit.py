@@ -68,9 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     try:
-        # JSON-quoted: a spec stays a plain string whatever YAML would make of it.
-        overrides = list(args.overrides) + ([f"data.spec={json.dumps(args.data)}"] if args.data else [])
-        config = load_config(args.config, overrides)
+        config = load_config(args.config, args.overrides, data=args.data)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from importlib import metadata
 from pathlib import Path
@@ -91,9 +92,19 @@ def get_or_create_experiment(client: MlflowClient, name: str) -> str:
 
 def find_run(client: MlflowClient, experiment_id: str, tags: dict[str, str]):
     """The run carrying all these tags, or None."""
-    clauses = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    clauses = " and ".join(f"tags.`{k}` = {_filter_string_literal(v)}" for k, v in tags.items())
     runs = client.search_runs([experiment_id], filter_string=clauses, max_results=2)
     return runs[0] if runs else None
+
+
+def _filter_string_literal(value: str) -> str:
+    """A quoted value for MLflow's filter strings, which have no escapes: a value holding a single
+    quote goes in double quotes; one holding both kinds cannot be searched."""
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return f'"{value}"'
+    raise TrackingError(f"tag value {value!r} holds both kinds of quote; MLflow cannot search for it")
 
 
 def get_or_create_run(client: MlflowClient, experiment_id: str, identity: dict[str, str], run_name: str,

@@ -110,14 +110,16 @@ def read_rgb_image(path: Path) -> np.ndarray:
     """RGB uint8 (H, W, 3); SampleSkipped('unreadable_image', ...) naming the file otherwise.
 
     OpenCV decodes LSPET JPEGs about 1.7x faster than Pillow; decoding from bytes separates a
-    missing file from an undecodable one and copes with non-ASCII paths.
+    missing file from an undecodable one and copes with non-ASCII paths. An EXIF orientation tag
+    is ignored: the annotations are in the stored pixel grid, and OpenCV would otherwise rotate
+    the image but not its joints.
     """
     try:
         data = np.fromfile(str(path), dtype=np.uint8)
     except OSError as exc:
         reason = "file not found" if not path.exists() else f"cannot read ({exc})"
         raise SampleSkipped("unreadable_image", f"{path}: {reason}") from exc
-    bgr = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    bgr = cv2.imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION) if data.size else None
     if bgr is None:
         raise SampleSkipped("unreadable_image", f"{path}: not a decodable image ({data.size} bytes)")
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
