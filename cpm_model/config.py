@@ -136,14 +136,22 @@ class ExperimentConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def public_dict(self) -> dict[str, Any]:
+        """to_dict() with the tracking URI's password or token masked (`redact_uri`): the form that
+        is printed, logged to MLflow and stored in checkpoints. Only the sweep's driver connects."""
+        data = self.to_dict()
+        data["tracking"]["tracking_uri"] = redact_uri(data["tracking"]["tracking_uri"])
+        return data
+
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+        return yaml.safe_dump(self.public_dict(), sort_keys=False)
 
     def flat_params(self) -> dict[str, Any]:
         """`section.key` -> value, for MLflow params (dicts and lists as JSON)."""
         flat: dict[str, Any] = {"name": self.name}
+        public = self.public_dict()
         for section in SECTIONS:
-            for key, value in dataclasses.asdict(getattr(self, section)).items():
+            for key, value in public[section].items():
                 flat[f"{section}.{key}"] = json.dumps(value) if isinstance(value, (dict, list)) else value
         return flat
 
@@ -156,6 +164,39 @@ class ExperimentConfig:
 
 
 SECTIONS = ("data", "preprocess", "model", "train", "sweep", "tracking")
+
+REDACTED = "***"
+# Query parameters that carry credentials (password=, sslpassword=, token=, access_token=, api_key=).
+_SECRET_QUERY_KEY = re.compile(r"pass|pwd|token|secret|key", re.IGNORECASE)
+_QUERY_PARAM = re.compile(r"([?&;])([^=&;#]*)=([^&;#]+)")
+
+
+def _secret_spans(uri: str | None) -> list[tuple[int, int]]:
+    """(start, end) of each secret in a URI: the password of `user:password@host` and the values
+    of credential query parameters (`?password=`, `?token=`)."""
+    if not uri or "://" not in uri:
+        return []
+    begin = uri.index("://") + 3
+    query = min((i for i in (uri.find("?", begin), uri.find("#", begin)) if i >= 0), default=len(uri))
+    spans = []
+    at = uri.rfind("@", begin, query)  # the last '@': an unescaped '/' in a password is still caught
+    colon = uri.find(":", begin, at) if at >= 0 else -1
+    if colon >= 0 and at > colon + 1:
+        spans.append((colon + 1, at))
+    spans += [m.span(3) for m in _QUERY_PARAM.finditer(uri, query) if _SECRET_QUERY_KEY.search(m[2])]
+    return spans
+
+
+def uri_secrets(uri: str | None) -> list[str]:
+    """The secrets of a URI as written (to scrub them from error text as well)."""
+    return [uri[a:b] for a, b in _secret_spans(uri)]
+
+
+def redact_uri(uri: str | None) -> str | None:
+    """The URI with every secret replaced by ***; a URI without one is returned unchanged."""
+    for a, b in reversed(_secret_spans(uri)):
+        uri = uri[:a] + REDACTED + uri[b:]
+    return uri
 _SECTION_TYPES = {f.name: f.type for f in fields(ExperimentConfig) if f.name in SECTIONS}
 
 _CHOICES = {

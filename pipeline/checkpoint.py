@@ -5,7 +5,7 @@ A checkpoint file holds one dict:
     format_version     int
     model              model state dict (tensors)
     best_model         state dict of the best epoch so far, or None when that is this epoch
-    config             the ExperimentConfig as nested plain data
+    config             the ExperimentConfig as nested plain data (tracking URI redacted)
     epoch              completed epochs (1-based: 1 after the first epoch)
     optimizer          optimizer state dict
     scheduler          lr scheduler state dict
@@ -74,7 +74,7 @@ def build_checkpoint(model: torch.nn.Module, config: ExperimentConfig, epoch: in
         "format_version": FORMAT_VERSION,
         "model": _cpu_state(model.state_dict()),
         "best_model": _cpu_state(best_model_state) if best_model_state is not None else None,
-        "config": config.to_dict(),
+        "config": config.public_dict(),  # no password of the tracking URI in a file
         "epoch": int(epoch),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "scheduler": _plain_scheduler_state(scheduler) if scheduler is not None else None,

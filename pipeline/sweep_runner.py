@@ -121,7 +121,8 @@ def run_sweep(config: ExperimentConfig, trials: list[TrialSpec], resume: str | N
         if not tune.Tuner.can_restore(str(storage / sweep_id)):
             raise SweepError(f"--resume: no sweep '{sweep_id}' under {storage}")
     sweep_id = sweep_id or new_sweep_id(config)
-    print(f"Tracking: {uri}\nSweep id: {sweep_id}  (checkpoints under {storage / sweep_id})", flush=True)
+    print(f"Tracking: {tracking.redact_uri(uri)}\nSweep id: {sweep_id}  (checkpoints under {storage / sweep_id})",
+          flush=True)
 
     connect_ray()
     try:
@@ -152,10 +153,11 @@ def run_sweep(config: ExperimentConfig, trials: list[TrialSpec], resume: str | N
             **config.flat_params()})
     print(f"MLflow experiment '{experiment_name}', sweep run {parent_run_id}", flush=True)
 
-    logger = MLflowTrialLogger(uri, experiment_id, parent_run_id, sweep_id, config.to_dict(),
+    # Workers and every stored copy of the config get it without the tracking URI's secrets.
+    logger = MLflowTrialLogger(uri, experiment_id, parent_run_id, sweep_id, config.public_dict(),
                                cache_paths, provenance, repeats_grid_points=config.sweep.num_samples > 1)
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base_config=config.to_dict(), plan=plan, sweep_id=sweep_id,
+        tune.with_parameters(run_trial, base_config=config.public_dict(), plan=plan, sweep_id=sweep_id,
                              storage_path=str(storage), cache_paths=cache_paths, cache_node_id=cache_node_id,
                              max_failures=config.sweep.max_failures, driver_versions=driver_versions),
         TRIAL_DRIVER_RESOURCES)

@@ -7,6 +7,7 @@ is created, so a resumed sweep or a restarted trial keeps writing to the same ru
 
 from __future__ import annotations
 
+import base64
 import os
 import subprocess
 import sys
@@ -20,6 +21,8 @@ from typing import Any
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
+
+from cpm_model.config import REDACTED, redact_uri, uri_secrets
 
 SWEEP_TAG = "cpm.sweep_id"  # on the parent run
 TRIAL_TAG = "cpm.trial_key"  # on each trial's run, with the sweep id
@@ -58,22 +61,75 @@ def artifact_root_for(uri: str) -> str | None:
     return None  # a tracking server decides (its --artifacts-destination)
 
 
+def scrub(text: str, uri: str) -> str:
+    """Error text on one line, with the URI's secrets (as written and percent-decoded) masked."""
+    text = text.split("\n(Background on this error", 1)[0]  # SQLAlchemy's link to its FAQ
+    for secret in uri_secrets(uri):
+        for form in {secret, urllib.parse.unquote(secret)}:
+            text = text.replace(form, REDACTED)
+    return " ".join(text.split())[:800]
+
+
+def is_database_uri(uri: str) -> bool:
+    """A SQLAlchemy URI of a database server (MLflow's SQL store), e.g. postgresql://u:p@host:5432/db."""
+    return uri.split("://", 1)[0].split("+", 1)[0] in ("postgresql", "mysql", "mssql")
+
+
 def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
-    """Fail fast, before any trial starts, when an HTTP tracking server does not answer."""
+    """Fail fast, before any trial starts, when the tracking store does not answer: one bounded try
+    where MLflow's clients retry for minutes (7 HTTP retries with back-off; 10 attempts, about
+    100 s, to create a database engine). Errors name the URI with its secrets masked."""
+    shown = redact_uri(uri)
     if uri.startswith(("http://", "https://")):
-        url = uri.rstrip("/") + "/health"
-        try:
-            with urllib.request.urlopen(url, timeout=timeout_s) as response:
-                if response.status != 200:
-                    raise TrackingError(f"MLflow tracking server {uri} answered {response.status} on /health")
-        except (urllib.error.URLError, OSError) as exc:
-            raise TrackingError(f"MLflow tracking server {uri} cannot be reached ({exc}); start it with "
-                                f"`mlflow server` or pass another --tracking-uri") from None
-    client = MlflowClient(uri)
+        _check_health(uri, shown, timeout_s)
+    elif is_database_uri(uri):
+        _check_database_login(uri, shown, timeout_s)
+    # A server whose own database is down answers /health but fails every request: no retries here.
+    bounded = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(max(1, int(timeout_s)))}
+    saved = {key: os.environ.get(key) for key in bounded}
+    os.environ.update(bounded)
     try:
-        client.search_experiments(max_results=1)
+        MlflowClient(uri).search_experiments(max_results=1)
     except Exception as exc:  # any store error means runs could not be written
-        raise TrackingError(f"MLflow tracking store {uri} cannot be used: {exc}") from None
+        raise TrackingError(f"MLflow tracking store {shown} cannot be used: {scrub(str(exc), uri)}") from None
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _check_health(uri: str, shown: str, timeout_s: float) -> None:
+    parts = urllib.parse.urlsplit(uri.rstrip("/"))
+    request = urllib.request.Request(parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1]).geturl() + "/health")
+    if parts.username is not None:  # user:token@host: HTTP basic auth, as MLflow's client sends it
+        credentials = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+        request.add_header("Authorization", "Basic " + base64.b64encode(credentials.encode()).decode())
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            if response.status != 200:
+                raise TrackingError(f"MLflow tracking server {shown} answered {response.status} on /health")
+    except (urllib.error.URLError, OSError) as exc:
+        raise TrackingError(f"MLflow tracking server {shown} cannot be reached ({scrub(str(exc), uri)}); start it "
+                            f"with `mlflow server` or pass another --tracking-uri") from None
+
+
+def _check_database_login(uri: str, shown: str, timeout_s: float) -> None:
+    """One login with a connect timeout (psycopg's libpq `connect_timeout` for PostgreSQL)."""
+    import sqlalchemy
+    from sqlalchemy.pool import NullPool
+
+    connect_args = {"connect_timeout": max(1, int(timeout_s))} if uri.startswith("postgresql") else {}
+    try:
+        engine = sqlalchemy.create_engine(uri, poolclass=NullPool, connect_args=connect_args)
+        try:
+            with engine.connect():
+                pass
+        finally:
+            engine.dispose()
+    except Exception as exc:  # a missing driver, a refused connection, a wrong password or database
+        raise TrackingError(f"MLflow tracking database {shown} cannot be used: {scrub(str(exc), uri)}") from None
 
 
 def get_or_create_experiment(client: MlflowClient, name: str) -> str:

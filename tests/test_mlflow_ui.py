@@ -9,16 +9,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
 
 import pytest
+import services
+from services import NO_PROXY
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -28,14 +28,6 @@ STAGES = (1, 2)
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-# The local server must not be asked through a proxy.
-NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _get(url: str) -> dict:
@@ -49,43 +41,10 @@ def _post(url: str, body: dict) -> dict:
         return json.load(response)
 
 
-def _wait_healthy(base: str, server: subprocess.Popen, log: Path, timeout_s: float = 180) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            pytest.fail(f"mlflow server exited ({server.returncode}):\n{log.read_text()[-3000:]}")
-        try:
-            with NO_PROXY.open(base + "/health", timeout=5) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(1)
-    pytest.fail(f"mlflow server did not answer /health within {timeout_s} s:\n{log.read_text()[-3000:]}")
-
-
 @pytest.fixture
 def mlflow_server(tmp_path):
-    port = _free_port()
-    log = tmp_path / "server.log"
-    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-               "--workers", "1",  # one worker starts fast on a small machine
-               "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
-               "--artifacts-destination", str(tmp_path / "artifacts")]
-    with log.open("w") as handle:
-        server = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, cwd=tmp_path,
-                                  start_new_session=True)  # its own group: stopping it stops its workers
-    base = f"http://127.0.0.1:{port}"
-    try:
-        _wait_healthy(base, server, log)
+    with services.mlflow_server(f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path) as base:
         yield base
-    finally:
-        if server.poll() is None:
-            os.killpg(server.pid, 15)
-            try:
-                server.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.pid, 9)
 
 
 def _run_tiny_sweep(base: str, tmp: Path) -> None:
@@ -94,7 +53,7 @@ def _run_tiny_sweep(base: str, tmp: Path) -> None:
                "--tracking-uri", base, "--storage-path", str(tmp / "ray"),
                "--set", f"data.cache_dir={tmp / 'cache'}", "--set", "data.spec=synthetic:300",
                "--set", "train.epochs=2", "--set", grid, "--set", f"tracking.experiment={EXPERIMENT}"]
-    env = dict(os.environ, PYTHONUNBUFFERED="1", NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **services.LOOPBACK_ENV)
     env["RAY_ADDRESS"] = "local"  # the driver starts its own local Ray, even beside a running cluster
     result = subprocess.run(command, cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]

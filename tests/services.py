@@ -1,0 +1,171 @@
+"""Real services for tests, started and stopped by the test that needs them: an `mlflow server`
+on a loopback port and a PostgreSQL server (Debian's `postgresql` package) in a temp directory."""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+# The local servers must not be asked through a proxy.
+NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+LOOPBACK_ENV = {"NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_healthy(base: str, server: subprocess.Popen, log: Path, timeout_s: float = 180) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            pytest.fail(f"mlflow server exited ({server.returncode}):\n{log.read_text()[-3000:]}")
+        try:
+            with NO_PROXY.open(base + "/health", timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(1)
+    pytest.fail(f"mlflow server did not answer /health within {timeout_s} s:\n{log.read_text()[-3000:]}")
+
+
+@contextlib.contextmanager
+def mlflow_server(backend_store_uri: str, workdir: Path):
+    """`mlflow server` on a free loopback port; yields its base URL (http://127.0.0.1:PORT)."""
+    port = free_port()
+    log = workdir / f"mlflow-server-{port}.log"
+    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+               "--workers", "1",  # one worker starts fast on a small machine
+               "--backend-store-uri", backend_store_uri, "--artifacts-destination", str(workdir / "artifacts")]
+    with log.open("w") as handle:
+        server = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, cwd=workdir,
+                                  env={**os.environ, **LOOPBACK_ENV},
+                                  start_new_session=True)  # its own group: stopping it stops its workers
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(base, server, log)
+        yield base
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGTERM)
+            try:
+                server.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)
+
+
+def postgres_bin_dir() -> Path:
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    if not found:
+        pytest.fail("PostgreSQL not found: `apt-get install -y postgresql` (Debian's package; `make test` installs it)")
+    return Path(found[-1]).parent
+
+
+class PostgresServer:
+    """A throwaway PostgreSQL cluster run by the `postgres` user: listens on 127.0.0.1 only, on a
+    free port, with its unix socket inside its own temp directory, password logins only (SCRAM)."""
+
+    SUPERUSER = "postgres"
+
+    def __init__(self) -> None:
+        self.bin = postgres_bin_dir()
+        self.root = Path(tempfile.mkdtemp(prefix="pg", dir="/tmp"))
+        shutil.chown(self.root, "postgres", "postgres")  # initdb refuses to run as root
+        self.data = self.root / "data"
+        self.port = free_port()
+        self.superuser_password = os.urandom(12).hex()
+        self.pid: int | None = None
+
+    def _as_postgres(self, *command: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["runuser", "-u", "postgres", "--", *command], capture_output=True, text=True,
+                              timeout=120)
+
+    def start(self) -> "PostgresServer":
+        password_file = self.root / "superuser.pw"
+        password_file.write_text(self.superuser_password + "\n")
+        shutil.chown(password_file, "postgres", "postgres")
+        init = self._as_postgres(str(self.bin / "initdb"), "-D", str(self.data), "-U", self.SUPERUSER,
+                                 "--auth=scram-sha-256", f"--pwfile={password_file}", "--encoding=UTF8",
+                                 "--no-instructions")
+        password_file.unlink()
+        if init.returncode != 0:
+            pytest.fail(f"initdb failed:\n{init.stdout}{init.stderr}")
+        options = f"-c listen_addresses=127.0.0.1 -p {self.port} -c unix_socket_directories={self.root}"
+        started = self._as_postgres(str(self.bin / "pg_ctl"), "-D", str(self.data), "-l", str(self.root / "server.log"),
+                                    "-o", options, "-w", "-t", "60", "start")
+        if started.returncode != 0:
+            log = (self.root / "server.log").read_text() if (self.root / "server.log").exists() else ""
+            pytest.fail(f"pg_ctl start failed:\n{started.stdout}{started.stderr}\n{log[-3000:]}")
+        self.pid = int((self.data / "postmaster.pid").read_text().split()[0])
+        return self
+
+    def stop(self) -> None:
+        if self.pid is not None:
+            stopped = self._as_postgres(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "-t", "30",
+                                        "stop")
+            if stopped.returncode != 0:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.pid, signal.SIGKILL)  # the postmaster; its children exit with it
+            self.pid = None
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def uri(self, user: str, password: str, database: str) -> str:
+        """The URI MLflow (SQLAlchemy with psycopg 3) takes: postgresql://user:password@host:port/database."""
+        return f"postgresql://{user}:{password}@127.0.0.1:{self.port}/{database}"
+
+    def create_database(self, name: str, user: str, password: str) -> str:
+        """A database owned by a new login role; returns its URI."""
+        import psycopg
+        from psycopg import sql
+
+        with psycopg.connect(host="127.0.0.1", port=self.port, user=self.SUPERUSER, dbname="postgres",
+                             password=self.superuser_password, autocommit=True) as connection:
+            connection.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(sql.Identifier(user),
+                                                                                 sql.Literal(password)))
+            connection.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(sql.Identifier(name),
+                                                                             sql.Identifier(user)))
+        return self.uri(user, password, name)
+
+    def query(self, database: str, statement: str, params: tuple = ()) -> list[tuple]:
+        """Rows of one SQL statement, read as the superuser straight from the database."""
+        import psycopg
+
+        with psycopg.connect(host="127.0.0.1", port=self.port, user=self.SUPERUSER, dbname=database,
+                             password=self.superuser_password) as connection:
+            return connection.execute(statement, params).fetchall()
+
+    def dump(self, database: str) -> bytes:
+        """A plain-SQL backup of one database (`pg_dump`), as an operator would take it."""
+        result = subprocess.run([str(self.bin / "pg_dump"), "-h", "127.0.0.1", "-p", str(self.port), "-U", self.SUPERUSER,
+                                 database], capture_output=True, env={**os.environ, "PGPASSWORD": self.superuser_password},
+                                timeout=120)
+        if result.returncode != 0:
+            pytest.fail(f"pg_dump {database} failed: {result.stderr.decode(errors='replace')}")
+        return result.stdout
+
+
+@contextlib.contextmanager
+def postgres_server():
+    server = PostgresServer()
+    try:
+        yield server.start()
+    finally:
+        server.close()
