@@ -20,10 +20,14 @@ Nothing here imports Ray or MLflow.
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import random
+import shutil
+import warnings
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -32,10 +36,21 @@ import torch
 from cpm_model.config import ConfigError, ExperimentConfig, from_dict
 
 FORMAT_VERSION = 1
+CRC_KEY = "tensor_crc32"
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used: missing, corrupt, or made for another model."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A checkpoint file that is missing, truncated or whose bytes changed (an older kept one may do)."""
+
+
+class CheckpointFallbackWarning(UserWarning):
+    """The newest checkpoint was unusable; training resumed from an older one."""
 
 
 # --- RNG state as plain data --------------------------------------------------------------------
@@ -61,7 +76,7 @@ def restore_rng_state(state: dict) -> None:
     random.setstate((p["version"], tuple(p["internal"]), p["gauss"]))
 
 
-# --- saving and loading -------------------------------------------------------------------------
+# --- building -----------------------------------------------------------------------------------
 
 def _cpu_state(state_dict: dict) -> dict:
     return {k: v.detach().cpu().clone() if torch.is_tensor(v) else v for k, v in state_dict.items()}
@@ -104,13 +119,85 @@ def _plain_metrics(metrics: dict) -> dict:
     return out
 
 
+# --- durable files ------------------------------------------------------------------------------
+
+def _temp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file's (or a directory's entries') data to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def replace_durably(tmp: Path, path: Path) -> None:
+    """Rename a written temp file or directory onto `path`, with the data on disk before and the
+    rename after. A directory cannot be renamed over a non-empty one: the old one is moved aside
+    first and removed after (a crash in between leaves it under a dotted temp name, never half)."""
+    for item in ([tmp] if tmp.is_file() else [*(p for p in tmp.rglob("*") if p.is_file()), tmp]):
+        fsync_path(item)
+    aside = None
+    if tmp.is_dir() and path.exists():
+        aside = _temp_name(path)
+        os.replace(path, aside)
+    os.replace(tmp, path)
+    fsync_path(path.parent)
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def copy_durably(source: str | os.PathLike, target: str | os.PathLike) -> Path:
+    """Copy a file or a directory onto `target` through a temp name (see replace_durably)."""
+    source, target = Path(source), Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_name(target)
+    try:
+        if source.is_dir():
+            shutil.copytree(source, tmp)
+        else:
+            shutil.copyfile(source, tmp)
+        replace_durably(tmp, target)
+    finally:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+    return target
+
+
+# --- saving and reading ------------------------------------------------------------------------
+
+def tensor_crc32(value, crc: int = 0) -> int:
+    """CRC-32 over the bytes of every tensor in nested dicts / lists, in a fixed order."""
+    if torch.is_tensor(value):
+        flat = value.detach().cpu().contiguous().reshape(-1)
+        return zlib.crc32(flat.view(torch.uint8).numpy() if flat.numel() else b"", crc)
+    if isinstance(value, dict):
+        for key in sorted(value, key=str):
+            if key != CRC_KEY:
+                crc = tensor_crc32(value[key], zlib.crc32(str(key).encode(), crc))
+        return crc
+    if isinstance(value, (list, tuple)):
+        for item in value:
+            crc = tensor_crc32(item, crc)
+    return crc
+
+
 def save_checkpoint(checkpoint: dict, path: str | os.PathLike) -> Path:
-    """Write atomically (temp file + rename) so a crash never leaves half a checkpoint."""
+    """Write durably (temp file, fsync, rename, fsync of the directory): a crash never leaves half
+    a checkpoint under `path`. Adds the tensors' CRC-32, which read_checkpoint checks."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(checkpoint, tmp)
-    os.replace(tmp, path)
+    tmp = _temp_name(path)
+    try:
+        torch.save({**checkpoint, CRC_KEY: tensor_crc32(checkpoint)}, tmp)
+        replace_durably(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -120,16 +207,37 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     if path.is_dir():
         path = path / "checkpoint.pt"
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+        raise CorruptCheckpointError(f"checkpoint {path} does not exist")
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError, OSError) as exc:
-        raise CheckpointError(f"checkpoint {path} is corrupt or not a plain-data PyTorch checkpoint "
-                              f"({type(exc).__name__})") from None
+        raise CorruptCheckpointError(f"checkpoint {path} is corrupt or not a plain-data PyTorch checkpoint "
+                                     f"({type(exc).__name__})") from None
     if not isinstance(data, dict) or "model" not in data or "config" not in data:
         raise CheckpointError(f"checkpoint {path} is not a cpm-pipeline checkpoint "
                               f"(expected a dict with 'model' and 'config')")
+    if CRC_KEY in data and tensor_crc32(data) != data[CRC_KEY]:  # older files have no checksum
+        raise CorruptCheckpointError(f"checkpoint {path} is corrupt: its tensors do not match their checksum")
+    data.pop(CRC_KEY, None)
     return data
+
+
+def load_newest_usable(paths: list, expected_config: ExperimentConfig | None = None) -> tuple[Path, dict]:
+    """(path, checkpoint) of the first of `paths` (newest first) that loads; a corrupt one is
+    skipped with a warning naming it and the one used. CheckpointError when none loads."""
+    failures = []
+    for path in map(Path, paths):
+        try:
+            checkpoint = load_checkpoint(path, expected_config)
+        except CorruptCheckpointError as exc:
+            failures.append(str(exc))
+            continue
+        if failures:
+            message = f"{'; '.join(failures)}: resuming from the previous kept checkpoint {path} instead"
+            log.warning(message)
+            warnings.warn(message, CheckpointFallbackWarning, stacklevel=2)
+        return path, checkpoint
+    raise CheckpointError(f"no usable checkpoint to resume from: {'; '.join(failures) or 'none given'}")
 
 
 def load_checkpoint(path: str | os.PathLike, expected_config: ExperimentConfig | None = None) -> dict:

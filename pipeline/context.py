@@ -18,6 +18,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .checkpoint import copy_durably
+
 CHECKPOINT_FILE = "checkpoint.pt"
 
 
@@ -58,17 +60,24 @@ class WorkerContext:
         """A directory holding the checkpoint to resume from, or None to start afresh."""
         raise NotImplementedError
 
+    def restore_checkpoint_dirs(self) -> list[str]:
+        """Directories to resume from, newest first: the loop takes the first whose checkpoint
+        loads (a corrupt newest one falls back to an older kept one)."""
+        latest = self.restore_checkpoint_dir()
+        return [latest] if latest is not None else []
+
 
 def default_device() -> torch.device:
     return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
 
 
 class LocalContext(WorkerContext):
-    """One process. Checkpoints are copied to `out_dir/checkpoints/epoch_NNNN/`; the newest
-    `keep_checkpoints` are kept plus the best by `score_attribute` (as Ray's CheckpointConfig does).
+    """One process. Checkpoints are copied to `out_dir/checkpoints/epoch_NNNN/` (through a temp
+    directory, fsynced, then renamed); the newest `keep_checkpoints` are kept plus the best by
+    `score_attribute` (as Ray's CheckpointConfig does).
 
     `report` prints a row per call (unless quiet) and passes the metrics to `on_report`.
-    With `resume=True`, `restore_checkpoint_dir` returns the newest saved checkpoint, if any.
+    With `resume=True`, `restore_checkpoint_dirs` lists the saved checkpoints, newest first.
     """
 
     def __init__(self, out_dir: str | Path | None = None, device: torch.device | str | None = None,
@@ -109,10 +118,9 @@ class LocalContext(WorkerContext):
         root = self.out_dir / "checkpoints"
         root.mkdir(parents=True, exist_ok=True)
         target = root / f"epoch_{int(metrics.get('epoch', len(self.saved))):04d}"
-        if target.exists():
-            shutil.rmtree(target)
-        shutil.copytree(source, target)
+        copy_durably(source, target)  # replaces an epoch written before a resume from an older one
         score = metrics.get(self.score_attribute, float("nan"))
+        self.saved = [item for item in self.saved if item[0] != target]  # pruning must not delete it
         self.saved.append((target, float(score) if score is not None else float("nan")))
         self._prune()
         return target
@@ -129,11 +137,15 @@ class LocalContext(WorkerContext):
                 shutil.rmtree(path, ignore_errors=True)
         self.saved = kept
 
-    def latest_checkpoint_dir(self) -> Path | None:
+    def checkpoint_dirs(self) -> list[Path]:
+        """Saved epoch directories holding a checkpoint file, oldest first (temp ones never match)."""
         root = self.out_dir / "checkpoints" if self.out_dir is not None else None
         if root is None or not root.is_dir():
-            return None
-        candidates = sorted(p for p in root.glob("epoch_*") if (p / CHECKPOINT_FILE).is_file())
+            return []
+        return sorted(p for p in root.glob("epoch_*") if (p / CHECKPOINT_FILE).is_file())
+
+    def latest_checkpoint_dir(self) -> Path | None:
+        candidates = self.checkpoint_dirs()
         return candidates[-1] if candidates else None
 
     def best_checkpoint_dir(self) -> Path | None:
@@ -142,12 +154,16 @@ class LocalContext(WorkerContext):
         return max(self.saved, key=lambda item: -math.inf if math.isnan(item[1]) else item[1])[0]
 
     def restore_checkpoint_dir(self) -> str | None:
+        candidates = self.restore_checkpoint_dirs()
+        return candidates[0] if candidates else None
+
+    def restore_checkpoint_dirs(self) -> list[str]:
         if not self.resume:
-            return None
-        latest = self.latest_checkpoint_dir()
-        if latest is not None:
-            self.saved = [(latest, float("nan"))]
-        return str(latest) if latest is not None else None
+            return []
+        candidates = self.checkpoint_dirs()
+        # Tracked for pruning: the newest (rewritten when its epoch is trained again after a fallback).
+        self.saved = [(candidates[-1], float("nan"))] if candidates else []
+        return [str(path) for path in reversed(candidates)]
 
     # --- printing --------------------------------------------------------------------------
     _COLUMNS = (("epoch", "{:>5}", "{:>5d}"), ("train_loss", "{:>11}", "{:>11.4g}"),

@@ -4,9 +4,11 @@
     python -m pipeline.fit --config configs/lspet_cpu.yaml --data lspet:/data/lspet --out runs/lspet [--resume]
 
 Prints one row per epoch. Writes into --out: config.yaml, metrics.jsonl (one JSON row per epoch,
-then the test row), checkpoints/epoch_NNNN/checkpoint.pt (the newest and the best), best.pt (the
+then the test row), checkpoints/epoch_NNNN/checkpoint.pt (the two newest and the best), best.pt (the
 best epoch by validation PCK@0.2), summary.json, and the figures learning_curve.png,
-belief_maps.png (a validation crop's maps at every stage) and skeletons.png.
+belief_maps.png (a validation crop's maps at every stage) and skeletons.png. Checkpoints and
+best.pt are written through temp names, fsynced, then renamed; --resume takes the newest
+checkpoint that loads (a corrupt newest one falls back to the previous kept one, with a warning).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch
 
 from cpm_model.config import ConfigError, add_config_arguments, load_config
 from cpm_model.heatmaps import decode_belief_maps
+from pipeline.checkpoint import copy_durably
 from pipeline.context import CHECKPOINT_FILE, LocalContext
 from pipeline.evaluate import is_input_error, predict_belief_maps
 from pipeline.training import open_caches, train_worker
@@ -81,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         (out / "metrics.jsonl").unlink(missing_ok=True)
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
     (out / "config.yaml").write_text(config.to_yaml())
-    ctx = LocalContext(out, device=args.device, resume=args.resume)
+    # Two newest (plus the best) as Ray's num_to_keep=2: a corrupt newest one leaves one to resume from.
+    ctx = LocalContext(out, device=args.device, resume=args.resume, keep_checkpoints=2)
     print(f"{config.name}: data {config.data.spec}, {config.model.stages} stages, input "
           f"{config.preprocess.input_size} px, device {ctx.device}, torch threads {torch.get_num_threads()}", flush=True)
     start = time.perf_counter()
@@ -95,8 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.perf_counter() - start
 
     best_dir = ctx.best_checkpoint_dir()
-    if best_dir is not None:
-        shutil.copyfile(best_dir / CHECKPOINT_FILE, out / "best.pt")
+    if best_dir is not None:  # through a temp file: an earlier best.pt stays whole until replaced
+        copy_durably(best_dir / CHECKPOINT_FILE, out / "best.pt")
     summary = {"name": config.name, "best_epoch": result["best_epoch"], "best_val_pck": result["best_pck"],
                "wall_time_s": elapsed, **(result.get("test") or {})}
     if not args.no_figures and result["history"]:

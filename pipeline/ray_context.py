@@ -57,6 +57,31 @@ class RayTrainContext(WorkerContext):
             return self._restored.path
         return self._restored.to_directory()
 
+    def restore_checkpoint_dirs(self) -> list[str]:
+        """Ray hands only the latest checkpoint; on local or shared storage the run's other kept
+        ones (CheckpointConfig num_to_keep) lie beside it and are the fallbacks, newest first."""
+        latest = self.restore_checkpoint_dir()
+        if latest is None:
+            return []
+        if latest != self._restored.path:  # downloaded from cloud storage: no siblings to fall back to
+            return [latest]
+        return [latest, *older_sibling_checkpoints(latest)]
+
+
+def older_sibling_checkpoints(latest: str) -> list[str]:
+    """The other `checkpoint_*` directories next to `latest` that hold a checkpoint file, newest
+    first (by the file's modification time: Ray writes them once, in report order)."""
+    from .context import CHECKPOINT_FILE
+
+    parent = os.path.dirname(os.path.abspath(latest))
+    found = []
+    for name in os.listdir(parent):
+        path = os.path.join(parent, name)
+        file = os.path.join(path, CHECKPOINT_FILE)
+        if name.startswith("checkpoint_") and os.path.isfile(file) and not os.path.samefile(path, latest):
+            found.append((os.path.getmtime(file), path))
+    return [path for _, path in sorted(found, reverse=True)]
+
 
 def _scalars(metrics: dict) -> dict:
     """Ray's result rows take plain scalars; lists and arrays are left to the checkpoint."""

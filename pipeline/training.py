@@ -26,7 +26,7 @@ import torch
 from cpm_model.augment import AugmentSettings, random_augment
 from cpm_model.config import ConfigError, ExperimentConfig, from_dict
 from cpm_model.loss import belief_map_loss
-from pipeline.checkpoint import (build_checkpoint, load_checkpoint, load_init_weights, load_model_state,
+from pipeline.checkpoint import (build_checkpoint, load_init_weights, load_model_state, load_newest_usable,
                                  restore_rng_state, save_checkpoint)
 from pipeline.context import CHECKPOINT_FILE, WorkerContext
 from pipeline.data import CacheBatches, eval_batches, train_batches
@@ -296,10 +296,11 @@ def train_worker(config: ExperimentConfig | dict, ctx: WorkerContext, progress: 
 
     history: list[dict] = []
     start_epoch, best_epoch, best_pck, best_state = 0, None, -math.inf, None
-    restore_dir = ctx.restore_checkpoint_dir()
-    if restore_dir is not None:
-        checkpoint = load_checkpoint(Path(restore_dir) / CHECKPOINT_FILE, expected_config=config)
-        load_model_state(model, checkpoint["model"], f"checkpoint {restore_dir}")
+    restore_dirs = ctx.restore_checkpoint_dirs()
+    if restore_dirs:  # newest first; a corrupt one falls back to the next, with a warning
+        restore_path, checkpoint = load_newest_usable([Path(d) / CHECKPOINT_FILE for d in restore_dirs],
+                                                      expected_config=config)
+        load_model_state(model, checkpoint["model"], f"checkpoint {restore_path}")
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         restore_rng_state(checkpoint["rng"])
