@@ -1,14 +1,16 @@
 """Two Ray nodes on one machine, both with token authentication on: a head and a second node with
 its own resources and its own local cache directory (as a node without shared storage has). A
 sweep's trials run on both; the second node copies the cache once; all runs land in one MLflow
-experiment. A node whose installed releases differ from the driver's stops the sweep before any
-trial. Every process gets a token made for this test (RAY_AUTH_TOKEN), so nothing depends on what
+experiment. A lost worker node costs its trial only the epoch in progress. A node whose installed
+releases differ from the driver's stops the sweep before any trial. Every process gets a token made for this test (RAY_AUTH_TOKEN), so nothing depends on what
 ~/.ray holds."""
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
+import signal
 import socket
 import subprocess
 import sys
@@ -39,14 +41,17 @@ def token_env(ray_tmpdir: str, token: str) -> dict:
     return env
 
 
-def start_nodes(env: dict, second_node_env: dict, dashboard_port: int | None = None) -> str:
+def start_nodes(env: dict, second_node_env: dict, dashboard_port: int | None = None,
+                second_node_manager_port: int | None = None) -> str:
     port = free_port()
     head = ["ray", "start", "--head", f"--port={port}", "--num-cpus=1", "--disable-usage-stats"]
     head += ([f"--dashboard-port={dashboard_port}", "--include-dashboard=true"] if dashboard_port
              else ["--include-dashboard=false"])
     subprocess.run(head, env=env, check=True, capture_output=True, timeout=120)
-    subprocess.run(["ray", "start", f"--address=127.0.0.1:{port}", "--num-cpus=1", "--disable-usage-stats"],
-                   env=second_node_env, check=True, capture_output=True, timeout=120)
+    second = ["ray", "start", f"--address=127.0.0.1:{port}", "--num-cpus=1", "--disable-usage-stats"]
+    if second_node_manager_port:
+        second.append(f"--node-manager-port={second_node_manager_port}")
+    subprocess.run(second, env=second_node_env, check=True, capture_output=True, timeout=120)
     return f"127.0.0.1:{port}"
 
 
@@ -63,6 +68,60 @@ def two_node_cluster(tmp_path, ray_tmpdir):
     node_cache = tmp_path / "node2-cache"
     address = start_nodes(env, dict(env, CPM_LOCAL_CACHE_DIR=str(node_cache)))
     yield address, node_cache, env
+
+
+def test_a_lost_worker_node_costs_its_trial_only_the_epoch_in_progress(tmp_path, ray_tmpdir):
+    """Two trials, one worker each: one on the head, one on the second node. The second node's
+    raylet is killed once both trials have checkpointed an epoch. The trials' drivers live on the
+    head, so that trial survives: Ray Train restarts its worker on the head (when the other trial
+    frees the CPU) from its last checkpoint, and it finishes in the same MLflow run with every
+    epoch reported once (a restart from scratch would report epochs 1, 2, ... again)."""
+    from test_sweep_integration import _result_rows, _wait_for, parent_pid, processes_named
+
+    epochs = 8
+    env = token_env(ray_tmpdir, secrets.token_hex(32))
+    node_manager_port = free_port()
+    address = start_nodes(env, dict(env, CPM_LOCAL_CACHE_DIR=str(tmp_path / "node2-cache")),
+                          second_node_manager_port=node_manager_port)
+    command = sweep_command(tmp_path, "--set", "sweep.grid={model.stages: [1, 2]}", "--set", f"train.epochs={epochs}")
+    proc = subprocess.Popen(command, cwd=tmp_path, env=dict(env, RAY_ADDRESS=address), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    storage = tmp_path / "ray"
+
+    def second_raylet() -> int | None:
+        found = [pid for pid in processes_named(f"--node_manager_port={node_manager_port}")
+                 if "raylet" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()]
+        return found[0] if found else None
+
+    def both_trials_past_epoch_1() -> bool:
+        trials = {path.parent.name for path in storage.glob("*/trial_*/result.json")
+                  if any('"epoch": 1' in line and "train_loss" in line for line in path.read_text().splitlines())}
+        return len(trials) == 2
+
+    try:
+        raylet = _wait_for(second_raylet, 60, "the second node's raylet")
+        _wait_for(both_trials_past_epoch_1, 300, "epoch 1 of both trials", proc)
+        on_second_node = [pid for pid in processes_named("RayTrainWorker") if parent_pid(pid) == raylet]
+        assert on_second_node, "no training worker runs on the second node"
+        os.kill(raylet, signal.SIGKILL)
+        out, _ = proc.communicate(timeout=500)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out[-3000:]
+
+    for result_file in storage.glob("*/trial_*/result.json"):
+        rows = [json.loads(line) for line in result_file.read_text().splitlines() if line.strip()]
+        reported = [row["epoch"] for row in rows if "train_loss" in row]
+        assert reported == list(range(1, epochs + 1)), f"{result_file.parent.name} reported epochs {reported}"
+    assert len(_result_rows(storage)) >= 2 * epochs
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("two-nodes")
+    runs = client.search_runs([experiment.experiment_id], filter_string="tags.`cpm.run_kind` = 'trial'")
+    assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
+    for run in runs:
+        history = client.get_metric_history(run.info.run_id, "pck")
+        assert sorted(m.step for m in history) == list(range(1, epochs + 1)), run.info.run_name
 
 
 def test_sweep_runs_on_two_nodes_and_the_cache_reaches_the_second(tmp_path, two_node_cluster):
