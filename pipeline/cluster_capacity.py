@@ -79,16 +79,17 @@ def parse_autoscaling_config(config: dict) -> dict:
 
 
 def _autoscaler_config_path(gcs_address: str) -> Path | None:
-    """The --autoscaling-config of the autoscaler serving `gcs_address`, when it runs on this machine."""
+    """The --autoscaling-config of the autoscaler serving `gcs_address`, when it runs on this machine
+    (matched by the GCS port: two clusters on one machine cannot share it, whatever address each names)."""
     import psutil
 
+    port = gcs_address.rsplit(":", 1)[-1]
     for process in psutil.process_iter(["cmdline"]):
         args = process.info["cmdline"] or []
-        if not any(a.endswith("autoscaler/_private/monitor.py") or a.endswith("autoscaler/v2/monitor.py")
-                   for a in args[:3]):
+        if not any(a.endswith(("autoscaler/_private/monitor.py", "autoscaler/v2/monitor.py")) for a in args[:3]):
             continue
         options = dict(a[2:].split("=", 1) for a in args if a.startswith("--") and "=" in a)
-        if options.get("gcs-address") == gcs_address and options.get("autoscaling-config"):
+        if options.get("gcs-address", "").rsplit(":", 1)[-1] == port and options.get("autoscaling-config"):
             return Path(options["autoscaling-config"]).expanduser()
     return None
 
