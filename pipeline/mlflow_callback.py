@@ -8,19 +8,17 @@ from its last checkpoint), and records failures with their error text.
 
 from __future__ import annotations
 
-import math
-import tempfile
+import json
 from pathlib import Path
 from typing import Any
 
-from mlflow import MlflowClient
-from mlflow.entities import DatasetInput, InputTag
 from ray import tune
 
-from . import tracking
 from cpm_model.receptive_field import later_layout
 
+from . import tracking
 from .sweep_space import make_trial
+from .tracking_writer import TrackingWriter, active_writer, metrics_op, ref_key, run_ref
 
 EPOCH_ROW = "train_loss"  # rows with it are per-epoch metrics; others are summaries
 ARTIFACT_ROW = "artifacts_dir"
@@ -67,127 +65,158 @@ def trial_params(spec, cache_hashes: dict[str, str]) -> dict[str, Any]:
 
 
 class MLflowTrialLogger(tune.Callback):
-    def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, sweep_id: str,
-                 base_config: dict, cache_hashes: dict[str, dict[str, str]], extra_tags: dict[str, str],
+    """Every write goes through a `TrackingWriter`: in order, queued while the store is away, and
+    never raising into Tune (an exception in a Tune callback ends the driver, or turns a trial
+    that trained fine into ERROR)."""
+
+    def __init__(self, sweep_id: str, experiment_id: str, parent_run_id: str, base_config: dict,
+                 cache_hashes: dict[str, dict[str, str]], extra_tags: dict[str, str],
                  repeats_grid_points: bool = False):
-        self.tracking_uri = tracking_uri
+        self.sweep_id = sweep_id
         self.experiment_id = experiment_id
         self.parent_run_id = parent_run_id
-        self.sweep_id = sweep_id
         self.base_config = base_config
         self.cache_hashes = cache_hashes  # trial key -> {split: cache file name}
         self.extra_tags = extra_tags
         # With num_samples > 1 one grid point runs several times: Tune's trial id tells them apart.
         self.repeats_grid_points = repeats_grid_points
-        self.runs: dict[str, str] = {}  # Tune trial id -> MLflow run id
+        self._reset()
+
+    def _reset(self) -> None:
+        self.refs: dict[str, dict] = {}  # Tune trial id -> the run's reference (see tracking_writer)
         self.last_epoch: dict[str, int] = {}
-        self._client: MlflowClient | None = None
+        self.history_known: dict[str, bool] = {}  # False: the epochs already in MLflow are unknown
+        self._restored_checked = False
+
+    # Tune pickles its callbacks with the sweep (tuner.pkl) and `--resume` runs the unpickled one:
+    # it keeps only its settings and finds this driver's writer by the sweep id.
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items()
+                if k not in ("refs", "last_epoch", "history_known", "_restored_checked")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._reset()
 
     @property
-    def client(self) -> MlflowClient:
-        if self._client is None:
-            self._client = MlflowClient(self.tracking_uri)
-        return self._client
+    def writer(self) -> TrackingWriter:
+        return active_writer(self.sweep_id)
 
     # --- run lookup ------------------------------------------------------------------------
-    def _run_for(self, trial) -> str:
-        if trial.trial_id in self.runs:
-            return self.runs[trial.trial_id]
+    def _identity(self, trial) -> tuple[Any, dict]:
+        """(trial spec, run reference) of a Tune trial."""
         from cpm_model.config import from_dict
 
         spec = make_trial(from_dict(self.base_config), trial_overrides(trial.config))
         key = f"{spec.key}-{trial.trial_id}" if self.repeats_grid_points else spec.key
-        identity = {tracking.SWEEP_TAG: self.sweep_id, tracking.TRIAL_TAG: key}
-        tags = {tracking.KIND_TAG: "trial", "mlflow.parentRunId": self.parent_run_id,
-                "cpm.overrides": str(spec.overrides), **self.extra_tags}
-        run_id, created = tracking.get_or_create_run(self.client, self.experiment_id, identity, spec.run_name, tags)
+        return spec, run_ref(self.experiment_id, {tracking.SWEEP_TAG: self.sweep_id, tracking.TRIAL_TAG: key})
+
+    def _open(self, trial) -> dict:
+        if trial.trial_id in self.refs:
+            return self.refs[trial.trial_id]
+        spec, ref = self._identity(trial)
         hashes = self.cache_hashes.get(spec.key, {})
-        if created:
-            tracking.log_params(self.client, run_id, trial_params(spec, hashes))
-            self._log_dataset(run_id, spec.config.data.spec, hashes)
-            with tempfile.TemporaryDirectory() as tmp:
-                path = Path(tmp) / "config.yaml"
-                path.write_text(spec.config.to_yaml())
-                self.client.log_artifact(run_id, str(path))
-        self.runs[trial.trial_id] = run_id
-        self.last_epoch[trial.trial_id] = self._logged_epochs(run_id)
-        return run_id
-
-    def _logged_epochs(self, run_id: str) -> int:
-        history = self.client.get_metric_history(run_id, EPOCH_ROW)
-        return max((m.step for m in history), default=0)
-
-    def _log_dataset(self, run_id: str, spec: str, hashes: dict[str, str]) -> None:
-        from mlflow.data.meta_dataset import MetaDataset
-        from mlflow.data.sources import LocalArtifactDatasetSource
-
-        for split, path in sorted(hashes.items()):
-            dataset = MetaDataset(source=LocalArtifactDatasetSource(path), name=f"{spec} [{split}]",
-                                  digest=cache_hash(path))
-            self.client.log_inputs(run_id, [DatasetInput(dataset._to_mlflow_entity(),
-                                                         tags=[InputTag("mlflow.data.context", split)])])
+        self.writer.submit({
+            "kind": "open", "run": ref, "run_name": spec.run_name, "history_key": EPOCH_ROW,
+            "tags": {tracking.KIND_TAG: "trial", "mlflow.parentRunId": self.parent_run_id,
+                     "cpm.overrides": str(spec.overrides), **self.extra_tags},
+            "params": {k: str(v) for k, v in trial_params(spec, hashes).items()},
+            "datasets": [{"name": f"{spec.config.data.spec} [{split}]", "path": path, "digest": cache_hash(path),
+                          "split": split} for split, path in sorted(hashes.items())],
+            "config_yaml": spec.config.to_yaml()})
+        self.refs[trial.trial_id] = ref
+        logged = self.writer.max_step.get(ref_key(ref))  # None while the open is queued
+        self.history_known[trial.trial_id] = logged is not None and self.writer.pending == 0
+        self.last_epoch[trial.trial_id] = max(self.last_epoch.get(trial.trial_id, 0), logged or 0)
+        return ref
 
     # --- Tune hooks ------------------------------------------------------------------------
+    def on_step_begin(self, iteration, trials, **info):
+        if not self._restored_checked:
+            self._restored_checked = True
+            self._close_restored(trials)
+        self.writer.flush()
+
+    def on_step_end(self, iteration, trials, **info):
+        self.writer.flush()
+
     def on_trial_start(self, iteration, trials, trial, **info):
-        self._run_for(trial)
+        self._open(trial)
 
     def on_trial_restore(self, iteration, trials, trial, **info):
-        self._run_for(trial)
+        self._open(trial)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        run_id = self._run_for(trial)
+        self._log_result(trial, result)
+
+    def _log_result(self, trial, result: dict) -> None:
+        ref = self._open(trial)
         metrics = {k: v for k, v in result.items() if k not in _SKIP and _is_number(v)}
         if EPOCH_ROW in result:
             epoch = int(result["epoch"])
             if epoch <= self.last_epoch.get(trial.trial_id, 0):
                 return  # already logged before a restart
-            tracking.log_metrics(self.client, run_id, metrics, step=epoch)
+            self.writer.submit(metrics_op(ref, metrics, epoch, EPOCH_ROW,
+                                          guard=not self.history_known.get(trial.trial_id, False)))
             self.last_epoch[trial.trial_id] = epoch
         elif result.get(ARTIFACT_ROW):
-            self._log_artifacts(run_id, result)
+            self._log_artifacts(ref, result)
         elif metrics:
-            step = int(result.get("epoch", 0) or 0)
-            tracking.log_metrics(self.client, run_id, metrics, step=step)
+            # A summary row (the test split) comes once per trial; a resumed trial may send it again.
+            probe = "test_pck" if "test_pck" in metrics else sorted(metrics)[0]
+            self.writer.submit(metrics_op(ref, metrics, int(result.get("epoch", 0) or 0), probe, guard=True))
 
-    def _log_artifacts(self, run_id: str, result: dict) -> None:
+    def _log_artifacts(self, ref: dict, result: dict) -> None:
         directory = Path(result[ARTIFACT_ROW])
         if not directory.is_dir():  # storage the driver cannot see: leave a pointer
-            tracking.set_tags(self.client, run_id, {"cpm.artifacts_dir": str(directory)})
+            self.writer.submit({"kind": "tags", "run": ref, "tags": {"cpm.artifacts_dir": str(directory)}})
             return
-        for path in sorted(directory.iterdir()):
-            if path.is_file():
-                self.client.log_artifact(run_id, str(path))
+        paths = [str(path) for path in sorted(directory.iterdir()) if path.is_file()]
+        self.writer.submit({"kind": "artifacts", "run": ref, "paths": paths})
         if result.get("best_checkpoint_dir"):
-            tracking.set_tags(self.client, run_id, {"cpm.best_checkpoint": str(result["best_checkpoint_dir"])})
+            self.writer.submit({"kind": "tags", "run": ref,
+                                "tags": {"cpm.best_checkpoint": str(result["best_checkpoint_dir"])}})
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        run_id = self._run_for(trial)
-        self._log_best(run_id)
+        ref = self._open(trial)
+        # best_* metrics: every metric's value at the epoch with the highest validation pck.
+        self.writer.submit({"kind": "best", "run": ref, "key": "pck"})
         planned = trial.config.get("trial", {}).get("epochs")
         if planned and self.last_epoch.get(trial.trial_id, 0) < planned:  # a scheduler (ASHA) stopped it
-            tracking.set_tags(self.client, run_id, {"cpm.stopped_early": "true"})
-        self.client.set_terminated(run_id, status="FINISHED")
+            self.writer.submit({"kind": "tags", "run": ref, "tags": {"cpm.stopped_early": "true"}})
+        self.writer.submit({"kind": "status", "run": ref, "status": "FINISHED"})
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        run_id = self._run_for(trial)
-        error = _error_text(trial)
-        tracking.set_tags(self.client, run_id, {"cpm.error": error, "cpm.status": "failed"})
-        self.client.set_terminated(run_id, status="FAILED")
+        ref = self._open(trial)
+        self.writer.submit({"kind": "tags", "run": ref, "tags": {"cpm.error": _error_text(trial), "cpm.status": "failed"}})
+        self.writer.submit({"kind": "status", "run": ref, "status": "FAILED"})
 
-    def _log_best(self, run_id: str) -> None:
-        """best_* metrics: every metric's value at the epoch with the highest validation pck."""
-        history = self.client.get_metric_history(run_id, "pck")
-        if not history:
-            return
-        best = max(history, key=lambda m: (m.value if not math.isnan(m.value) else -math.inf, -m.step))
-        run = self.client.get_run(run_id)
-        best_metrics = {"best_epoch": best.step}
-        for key in run.data.metrics:
-            if key.startswith(("pck", "auc", "train_loss")):
-                for m in self.client.get_metric_history(run_id, key):
-                    if m.step == best.step:
-                        best_metrics[f"best_{key}"] = m.value
-        tracking.log_metrics(self.client, run_id, best_metrics, step=best.step)
+    # --- resume -------------------------------------------------------------------------
+    def _close_restored(self, trials) -> None:
+        """On --resume: trials Tune had already finished are not run again, so their runs are
+        closed here: a TERMINATED trial whose run is not FINISHED (the driver died between its
+        last row and its end) gets the rows Tune kept on disk and FINISHED; an ERROR one FAILED."""
+        for trial in trials:
+            if trial.status not in ("TERMINATED", "ERROR") or trial.trial_id in self.refs:
+                continue
+            status = self._run_status(trial)
+            if (trial.status, status) in (("TERMINATED", "FINISHED"), ("ERROR", "FAILED")):
+                continue
+            if trial.status == "ERROR":
+                self.on_trial_error(0, trials, trial)
+                continue
+            for row in _result_rows(trial):
+                self._log_result(trial, row)
+            self.on_trial_complete(0, trials, trial)
+
+    def _run_status(self, trial) -> str | None:
+        """The MLflow status of a trial's run (None: no run, or the store does not answer)."""
+        ref = self._identity(trial)[1]
+        try:
+            run = tracking.find_run(self.writer.client, ref["experiment_id"], ref["identity"])
+        except Exception:  # unknown: close it again (every write of the closing is idempotent)
+            return None
+        return run.info.status if run is not None else None
 
 
 def _is_number(value) -> bool:
@@ -203,3 +232,18 @@ def _error_text(trial) -> str:
     lines = [line for line in text.strip().splitlines() if line.strip()]
     cause = next((line for line in reversed(lines) if "Error" in line or "Exception" in line), "")
     return (cause + "\n\n" + "\n".join(lines[-40:]))[:5000] if lines else "trial failed (no error text)"
+
+
+def _result_rows(trial) -> list[dict]:
+    """The rows Tune wrote for a trial (result.json in its directory), oldest first."""
+    for directory in (trial.path, trial.local_path):
+        path = Path(directory) / "result.json" if directory else None
+        if path is not None and path.is_file():
+            rows = []
+            for line in path.read_text(errors="replace").splitlines():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue
+            return rows
+    return []

@@ -74,6 +74,7 @@ def main(argv=None) -> int:
     if args.dry_run:
         return 0
 
+    from pipeline.interrupts import SweepStopped
     from pipeline.sweep_runner import SweepError, run_sweep
 
     try:
@@ -81,6 +82,9 @@ def main(argv=None) -> int:
     except SweepError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except SweepStopped as exc:
+        print(f"{exc}: continue with the same command and --resume", file=sys.stderr)
+        return exc.exit_code
     return 0 if outcome.completed else 1
 
 

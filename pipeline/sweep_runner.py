@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,12 +15,20 @@ from ray import tune
 from cpm_model.config import ExperimentConfig
 
 from . import tracking
+from .interrupts import SweepStopped, stop_signals
 from .mlflow_callback import MLflowTrialLogger
 from .node_versions import VersionMismatchError, check_cluster_versions
 from .cluster_capacity import cluster_capacity
 from .resources import TRIAL_DRIVER_RESOURCES, ResourceError, plan_resources
 from .sweep_space import TrialSpec
+from .tracking_writer import SPOOL_FILE, TrackingWriter, bound_http_retries, run_ref
 from .trial import run_trial
+
+
+# How long the driver waits for the tracking store to take queued writes: at the end of a sweep,
+# and (shorter: `ray job stop` SIGKILLs 3 s after SIGTERM) when it is stopped.
+DRAIN_TIMEOUT_S = 120.0
+STOP_DRAIN_TIMEOUT_S = 2.5
 
 
 class SweepError(RuntimeError):
@@ -110,6 +119,9 @@ def run_sweep(config: ExperimentConfig, trials: list[TrialSpec], resume: str | N
     # The MLflow callback is the runs' single writer; a SQLite commit on a busy disk takes 0.5-2 s,
     # which Tune would otherwise report as a slow callback after every epoch.
     os.environ.setdefault("TUNE_WARN_THRESHOLD_S", "5")
+    # SIGINT stops the sweep like SIGTERM (pipeline.interrupts), not through Tune's own handler.
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
+    bound_http_retries()
     uri = tracking.resolve_tracking_uri(config.tracking.tracking_uri)
     try:
         tracking.check_reachable(uri)  # before any trial starts
@@ -139,13 +151,20 @@ def run_sweep(config: ExperimentConfig, trials: list[TrialSpec], resume: str | N
     cache_paths = build_caches(trials)
     cache_node_id = ray.get_runtime_context().get_node_id()
 
+    # Writes a previous driver could not send (it died during an outage) go first, in order.
+    writer = TrackingWriter(uri, storage / sweep_id / SPOOL_FILE).activate(sweep_id)
+    writer.drain(DRAIN_TIMEOUT_S)
     client = MlflowClient(uri)
     experiment_name = config.tracking.experiment
     experiment_id = tracking.get_or_create_experiment(client, experiment_name)
     provenance = tracking.provenance_tags()
+    parent_identity = {tracking.SWEEP_TAG: sweep_id, tracking.KIND_TAG: "sweep"}
     parent_run_id, created = tracking.get_or_create_run(
-        client, experiment_id, {tracking.SWEEP_TAG: sweep_id, tracking.KIND_TAG: "sweep"},
-        run_name=f"sweep {sweep_id}", extra_tags=provenance)
+        client, experiment_id, parent_identity, run_name=f"sweep {sweep_id}", extra_tags=provenance)
+    parent_ref = run_ref(experiment_id, parent_identity)
+    writer.register(parent_ref, parent_run_id)
+    if not created:  # reopened (--resume): it no longer carries how it ended before
+        writer.submit({"kind": "clear_end", "run": parent_ref})
     if created:
         tracking.log_params(client, parent_run_id, {
             "preset": config.name, "num_trials": len(trials), "dataset": config.data.spec,
@@ -154,7 +173,7 @@ def run_sweep(config: ExperimentConfig, trials: list[TrialSpec], resume: str | N
     print(f"MLflow experiment '{experiment_name}', sweep run {parent_run_id}", flush=True)
 
     # Workers and every stored copy of the config get it without the tracking URI's secrets.
-    logger = MLflowTrialLogger(uri, experiment_id, parent_run_id, sweep_id, config.public_dict(),
+    logger = MLflowTrialLogger(sweep_id, experiment_id, parent_run_id, config.public_dict(),
                                cache_paths, provenance, repeats_grid_points=config.sweep.num_samples > 1)
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base_config=config.public_dict(), plan=plan, sweep_id=sweep_id,
@@ -185,15 +204,42 @@ def run_sweep(config: ExperimentConfig, trials: list[TrialSpec], resume: str | N
             run_config=tune.RunConfig(name=sweep_id, storage_path=str(storage), callbacks=[logger],
                                       failure_config=tune.FailureConfig(max_failures=0)),
         )
-    results = tuner.fit()
+    # Every exit closes the runs: a stop signal (KILLED, in the handler: `ray job stop` SIGKILLs
+    # 3 s after its SIGTERM), an error (FAILED), the end (FINISHED).
+    def stop(signum: int) -> None:
+        _end_runs(writer, parent_ref, "KILLED", f"sweep stopped by {signal.Signals(signum).name}")
+
+    with stop_signals(stop):
+        try:
+            results = tuner.fit()
+        except SweepStopped:
+            raise
+        except BaseException as exc:
+            _end_runs(writer, parent_ref, "FAILED", f"sweep driver failed: {type(exc).__name__}: {exc}")
+            raise
 
     failed = [str(r.error).splitlines()[0][:200] if r.error else "" for r in results if r.error]
+    writer.drain(DRAIN_TIMEOUT_S)  # the report reads every trial's run
+    # A trial Tune left unfinished (its stop signal, SIGUSR1) keeps no open run either.
+    stopped = writer.close_open_runs("KILLED", "the sweep ended before this trial did")
     table = _report_to_parent_run(client, experiment_id, parent_run_id)
     print("\n" + table, flush=True)
-    tracking.set_tags(client, parent_run_id, {"cpm.failed_trials": str(len(failed))})
-    client.set_terminated(parent_run_id, status="FINISHED")
+    writer.submit({"kind": "tags", "run": parent_ref, "tags": {"cpm.failed_trials": str(len(failed))}})
+    writer.submit({"kind": "status", "run": parent_ref, "status": "KILLED" if stopped else "FINISHED"})
+    writer.drain(DRAIN_TIMEOUT_S)
     return SweepOutcome(sweep_id, parent_run_id, completed=not failed or len(failed) < len(results),
                         failed_trials=failed, table=table)
+
+
+def _end_runs(writer: TrackingWriter, parent_ref: dict, status: str, reason: str) -> None:
+    """Close every open trial run and the sweep's run with `status`; spooled first, so a kill
+    during the send leaves them for `--resume` to send."""
+    closed = writer.close_open_runs(status, reason)
+    writer.enqueue({"kind": "tags", "run": parent_ref, "tags": {"cpm.status": status.lower(), "cpm.error": reason}})
+    writer.enqueue({"kind": "status", "run": parent_ref, "status": status})
+    sent = writer.drain(STOP_DRAIN_TIMEOUT_S if status == "KILLED" else DRAIN_TIMEOUT_S)
+    print(f"{reason}: the sweep run and {closed} open trial run(s) marked {status}"
+          + ("" if sent else " (queued: not sent yet)"), flush=True)
 
 
 def _report_to_parent_run(client: MlflowClient, experiment_id: str, parent_run_id: str) -> str:

@@ -33,6 +33,10 @@ from pipeline.data import CacheBatches, eval_batches, train_batches
 from pipeline.evaluate import PCKCounts, autocast, build_model, evaluate_batches, summarize
 
 TRAIN_KEYS = ("images", "belief_maps", "joints")
+
+
+class TrainingDiverged(RuntimeError):
+    """The training loss became NaN or infinite: training on would only give NaN weights."""
 EVAL_KEYS = ("images", "affine", "joints_original", "torso")
 
 
@@ -220,6 +224,12 @@ def train_one_epoch(model, optimizer, scheduler, batches, config: ExperimentConf
     # Sums stay on the device in float64 (what float() summed on the host): no sync per step.
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     stage_loss_sum = torch.zeros(num_stages, dtype=torch.float64, device=device)
+    # The first step (1-based) whose loss is not finite, and whether it was NaN, also kept on the
+    # device: a per-step .item() would wait for the device every step. Read once, at the epoch's
+    # end, when the sum is not finite (every rank decides on the same all-reduced sum: an early
+    # stop on one rank alone would leave the others waiting in the gradient all-reduce).
+    first_bad_step = torch.zeros((), dtype=torch.int64, device=device)
+    first_bad_is_nan = torch.zeros((), dtype=torch.bool, device=device)
     steps, images_seen = 0, 0
     for batch in batches:
         images, joints = batch["images"], batch["joints"]
@@ -243,9 +253,29 @@ def train_one_epoch(model, optimizer, scheduler, batches, config: ExperimentConf
         loss_sum += loss.detach().double()
         stage_loss_sum += per_stage.double()
         steps += 1
+        new_bad = (first_bad_step == 0) & ~torch.isfinite(loss.detach())
+        first_bad_step = torch.where(new_bad, steps, first_bad_step)
+        first_bad_is_nan = torch.where(new_bad, torch.isnan(loss.detach()), first_bad_is_nan)
         images_seen += images.shape[0]
     return {"loss_sum": float(loss_sum), "stage_loss_sum": stage_loss_sum.cpu().numpy(), "steps": steps,
-            "images": images_seen}
+            "images": images_seen, "first_bad_step": first_bad_step, "first_bad_is_nan": first_bad_is_nan}
+
+
+def check_finite_loss(loss_sum: float, sums: dict, ctx: WorkerContext, epoch: int) -> None:
+    """Raise TrainingDiverged naming the epoch and the first step (over all ranks) whose loss was
+    NaN or infinite. `loss_sum` is the all-reduced sum, the same on every rank."""
+    if math.isfinite(loss_sum):
+        return
+    per_rank = np.zeros(2 * ctx.world_size)  # [first bad step per rank..., is NaN per rank...]
+    per_rank[ctx.rank] = int(sums["first_bad_step"])
+    per_rank[ctx.world_size + ctx.rank] = float(bool(sums["first_bad_is_nan"]))
+    per_rank = ctx.all_reduce_sum(per_rank)
+    bad = [(int(step), bool(per_rank[ctx.world_size + rank])) for rank, step in enumerate(per_rank[:ctx.world_size])
+           if step > 0]
+    step, is_nan = min(bad) if bad else (0, math.isnan(loss_sum))
+    where = f"step {step}" if step else "a step"
+    raise TrainingDiverged(f"loss became {'NaN' if is_nan else 'inf'} at epoch {epoch}, {where} "
+                           f"(of {int(sums['steps'])} on this worker); lower train.lr or check the data")
 
 
 def validate(model, cache, config: ExperimentConfig, ctx: WorkerContext, batch_size: int,
@@ -330,6 +360,7 @@ def train_worker(config: ExperimentConfig | dict, ctx: WorkerContext, progress: 
         reduced = ctx.all_reduce_sum(np.concatenate([[sums["loss_sum"], sums["steps"], sums["images"]],
                                                      sums["stage_loss_sum"]]))
         total_steps = max(reduced[1], 1)
+        check_finite_loss(float(reduced[0]), sums, ctx, epoch + 1)
 
         counts, _ = validate(model, val_cache, config, ctx, t.batch_size, flip_permutation)
         metrics = {"epoch": epoch + 1, "train_loss": float(reduced[0] / total_steps)}

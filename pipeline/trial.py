@@ -25,12 +25,15 @@ from .resources import ResourcePlan
 from .sweep_space import make_trial
 
 
+DIVERGED_FILE = "diverged.txt"  # in a trial's artifacts directory: why its loss stopped being finite
+
+
 def worker_loop(loop_config: dict) -> None:
     """Runs in every Ray Train worker."""
     from . import cache_sync
     from .node_versions import check_worker_versions
     from .ray_context import RayTrainContext
-    from .training import train_worker
+    from .training import TrainingDiverged, train_worker
 
     _quiet_train_reports()
     # A node that joined after the sweep's start was not checked there.
@@ -42,7 +45,17 @@ def worker_loop(loop_config: dict) -> None:
     if loop_config["cache_paths"]:
         cache_paths = {split: cache_sync.ensure_on_node(path, loop_config["cache_node_id"])
                        for split, path in loop_config["cache_paths"].items()}
-    result = train_worker(config, ctx, progress=False, cache_paths=cache_paths)
+    try:
+        result = train_worker(config, ctx, progress=False, cache_paths=cache_paths)
+    except TrainingDiverged as exc:
+        # Raised, it would make Ray Train restart the worker group (sweep.max_failures), which
+        # would diverge again. Every rank got it (from the all-reduced loss): all end normally and
+        # the chief leaves the message for run_trial, which fails the trial with it.
+        if ctx.is_chief:
+            directory = Path(loop_config["artifacts_dir"])
+            directory.mkdir(parents=True, exist_ok=True)
+            (directory / DIVERGED_FILE).write_text(str(exc))
+        return
     if ctx.is_chief:  # the run's storage is shared by every node, so the chief writes there directly
         val_cache = cache_paths["val"] if cache_paths else result.get("val_cache")
         _write_artifacts(Path(loop_config["artifacts_dir"]), result, config, val_cache)
@@ -108,7 +121,12 @@ def run_trial(trial_config: dict, base_config: dict, plan: ResourcePlan, sweep_i
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
     )
+    diverged = Path(artifacts_dir) / DIVERGED_FILE
+    diverged.unlink(missing_ok=True)  # from an earlier attempt (--retry-failed)
     result = trainer.fit()
+    if diverged.is_file():
+        from .training import TrainingDiverged
+        raise TrainingDiverged(diverged.read_text())
     # Tell the driver where the artifacts and the best checkpoint are (it logs them to MLflow).
     best = max(result.best_checkpoints, key=lambda item: item[1].get("pck", float("-inf")), default=None)
     tune.report({ARTIFACT_ROW: artifacts_dir,

@@ -1,0 +1,56 @@
+"""Stopping a sweep's driver: SIGINT (Ctrl+C) and SIGTERM (`ray job stop`, a scheduler) end it the
+same way: the runs it has open are closed as KILLED, then the driver unwinds and exits, and
+`--resume` continues from the last checkpoints.
+
+`ray job stop` sends SIGTERM to the driver and its children and SIGKILLs them after
+RAY_JOB_STOP_WAIT_TIME_S (3 s by default), so the runs are closed first, inside the handler,
+before any slow unwinding (Ray and Tune shutting down their actors)."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from typing import Callable, Iterator
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class SweepStopped(BaseException):
+    """The driver got a stop signal. A BaseException (like KeyboardInterrupt): Tune's and Ray's
+    `except Exception` clauses, which would first stop every trial gracefully, let it through."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+@contextlib.contextmanager
+def stop_signals(on_stop: Callable[[int], None]) -> Iterator[None]:
+    """Within the block, a stop signal calls `on_stop(signum)` and raises SweepStopped in the main
+    thread. A second signal while `on_stop` runs gets the previous handler (Ctrl+C twice: out now)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+
+    def handler(signum, frame):
+        for other, old in previous.items():
+            signal.signal(other, old)
+        try:
+            on_stop(signum)
+        except Exception as exc:  # closing the runs failed: still stop, and say why
+            print(f"While stopping: {type(exc).__name__}: {exc}", flush=True)
+        raise SweepStopped(signum)
+
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, handler)
+    try:
+        yield
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)

@@ -1,0 +1,374 @@
+"""Ordered MLflow writes that survive an outage of the tracking store.
+
+The sweep driver is the single writer of every run. Each write is a small JSON-able operation;
+`submit` sends it at once when the store answers and nothing is waiting, otherwise it joins a
+queue (in memory, in order, and appended to a spool file in the sweep's storage directory) that is
+sent, still in order, when the store is back. Failures never propagate to the caller: a transient
+one (connection refused, timeout, 5xx) keeps the operation queued and retries with backoff; a
+permanent one (the store rejects the request) drops it with a warning naming the cause.
+
+A driver that dies during an outage leaves the spool file behind; the next driver of the same
+sweep (`--resume`) replays it before anything else. Replaying must not duplicate metrics
+(MLflow appends every logged value, and a request that reached the server just before the
+connection broke may have been stored): metric operations keep the timestamp they were created
+with (the SQL store ignores an identical metric), and any operation that may already have been
+stored (retried, replayed, or queued behind others) first checks the run's history of one of its
+keys for its step. One batch is committed by the SQL store in one transaction, so one key tells.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any, Callable
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric
+
+from . import tracking
+
+SPOOL_FILE = "mlflow_spool.jsonl"
+END_TAGS = ("cpm.status", "cpm.error")  # how a run ended other than FINISHED
+FIRST_RETRY_S = 2.0
+MAX_RETRY_S = 15.0
+# MLflow's HTTP client retries a failed request 7 times over about 4 minutes by default, with a
+# 120 s timeout: during an outage every write would stall Tune that long. A few seconds per
+# attempt is enough; the queue above retries for as long as it takes.
+HTTP_RETRY_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                  "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+_PERMANENT_CODES = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "RESOURCE_ALREADY_EXISTS",
+                    "INVALID_STATE", "BAD_REQUEST", "PERMISSION_DENIED", "UNAUTHENTICATED",
+                    "ENDPOINT_NOT_FOUND", "NOT_FOUND", "INVALID_REQUEST"}
+
+
+def bound_http_retries() -> None:
+    """Make one MLflow HTTP call fail within seconds (the user's own settings win)."""
+    for key, value in HTTP_RETRY_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for failures worth retrying (the store is away or overloaded), False for requests the
+    store rejects (retrying would fail the same way) and for programming errors."""
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(exc, MlflowException):
+        return exc.error_code not in _PERMANENT_CODES
+    return isinstance(exc, (OSError, ConnectionError, TimeoutError)) or \
+        type(exc).__module__.split(".")[0] in ("requests", "urllib3", "sqlalchemy")
+
+
+def run_ref(experiment_id: str, identity: dict[str, str]) -> dict:
+    """How an operation names its run: found by identity tags, so it survives a driver restart."""
+    return {"experiment_id": experiment_id, "identity": dict(sorted(identity.items()))}
+
+
+def ref_key(ref: dict) -> str:
+    return json.dumps(ref, sort_keys=True)
+
+
+_ACTIVE: dict[str, "TrackingWriter"] = {}  # sweep id -> this driver's writer
+
+
+def active_writer(sweep_id: str) -> "TrackingWriter":
+    """The writer the sweep's driver opened (`TrackingWriter.activate`)."""
+    if sweep_id not in _ACTIVE:
+        raise RuntimeError(f"no tracking writer for sweep {sweep_id!r} in this process")
+    return _ACTIVE[sweep_id]
+
+
+class TrackingWriter:
+    def __init__(self, tracking_uri: str, spool_path: Path | None = None, log: Callable[[str], None] | None = None):
+        self.tracking_uri = tracking_uri
+        self.shown_uri = tracking.redact_uri(tracking_uri)  # for messages: no secrets
+        self.client = MlflowClient(tracking_uri)
+        self.spool_path = Path(spool_path) if spool_path else None
+        self.log = log or (lambda message: print(message, flush=True))
+        self.queue: deque[dict] = deque()
+        self.run_ids: dict[str, str] = {}  # ref key -> run id
+        self.max_step: dict[str, int] = {}  # ref key -> highest step of the open op's history key
+        self.open_refs: dict[str, dict] = {}  # runs opened and not yet ended, by ref key
+        self.sent_from_queue = 0
+        self._next_attempt = 0.0
+        self._delay = FIRST_RETRY_S
+        self._down_since: float | None = None
+        self._load_spool()
+
+    # --- public ----------------------------------------------------------------------------
+    def register(self, ref: dict, run_id: str) -> None:
+        self.run_ids[ref_key(ref)] = run_id
+
+    def run_id(self, ref: dict) -> str | None:
+        return self.run_ids.get(ref_key(ref))
+
+    @property
+    def pending(self) -> int:
+        return len(self.queue)
+
+    def activate(self, sweep_id: str) -> "TrackingWriter":
+        _ACTIVE[sweep_id] = self
+        return self
+
+    def _track_open(self, op: dict) -> None:
+        key = ref_key(op["run"])
+        if op["kind"] == "open" or (op["kind"] == "status" and op["status"] == "RUNNING"):
+            self.open_refs[key] = op["run"]
+        elif op["kind"] == "status":
+            self.open_refs.pop(key, None)
+
+    def close_open_runs(self, status: str, reason: str) -> int:
+        """The driver stops (KILLED) or fails (FAILED): end every run still open the same way.
+        Queued and spooled before sending (`drain`), so a kill during the send loses nothing."""
+        refs = list(self.open_refs.values())
+        for ref in refs:
+            self.enqueue({"kind": "tags", "run": ref, "tags": dict(zip(END_TAGS, (status.lower(), reason)))})
+            self.enqueue({"kind": "status", "run": ref, "status": status})
+        return len(refs)
+
+    def submit(self, op: dict) -> None:
+        """Send now if possible, else queue (and spool). Never raises."""
+        self._track_open(op)
+        if self.queue:
+            op["behind"] = True  # queued behind others: it may be replayed after a partial send
+        self.queue.append(op)
+        if len(self.queue) > 1:
+            self._append_spool(op)
+        self.flush()
+        if self.queue and len(self.queue) == 1 and self.queue[0] is op:
+            self._rewrite_spool()  # the first write that failed: start the spool file
+
+    def enqueue(self, op: dict) -> None:
+        """Queue and spool first, send later (`drain`): for writes a kill may interrupt."""
+        self._track_open(op)
+        op["behind"] = True
+        self.queue.append(op)
+        self._append_spool(op)
+
+    def flush(self, force: bool = False) -> bool:
+        """Send queued operations in order until one fails; True when the queue is empty."""
+        if not self.queue:
+            return True
+        if not force and time.monotonic() < self._next_attempt:
+            return False
+        progressed = False
+        while self.queue:
+            op = self.queue[0]
+            try:
+                guard = bool(op.get("guard") or op.get("attempts") or op.get("replayed") or op.get("behind"))
+                op["attempts"] = op.get("attempts", 0) + 1  # counted before: a kill mid-call replays it guarded
+                self._execute(op, guard)
+            except Exception as exc:
+                if is_transient(exc):
+                    self._note_down(exc)
+                    if progressed:
+                        self._rewrite_spool()
+                    return False
+                self.log(f"Tracking: dropped a '{op['kind']}' write the store rejects: {self._short(exc)}")
+            self.queue.popleft()
+            progressed = True
+            if self._down_since is not None or op.get("replayed"):
+                self.sent_from_queue += 1
+        self._note_up()
+        self._rewrite_spool()
+        return True
+
+    def drain(self, timeout_s: float) -> bool:
+        """Keep sending until the queue is empty or `timeout_s` has passed; True when empty."""
+        deadline = time.monotonic() + timeout_s
+        while not self.flush(force=True):
+            wait = min(self._delay, deadline - time.monotonic())
+            if wait <= 0:
+                break
+            time.sleep(wait)
+        if self.queue:
+            where = f" (kept in {self.spool_path}; `--resume` sends them)" if self.spool_path else ""
+            self.log(f"Tracking: {len(self.queue)} write(s) not sent to {self.shown_uri}{where}")
+        return not self.queue
+
+    # --- operations ------------------------------------------------------------------------
+    def _resolve(self, ref: dict) -> str:
+        key = ref_key(ref)
+        if key not in self.run_ids:
+            run = tracking.find_run(self.client, ref["experiment_id"], ref["identity"])
+            if run is None:
+                from mlflow.exceptions import MlflowException
+                raise MlflowException(f"no run with tags {ref['identity']}", error_code="RESOURCE_DOES_NOT_EXIST")
+            self.run_ids[key] = run.info.run_id
+        return self.run_ids[key]
+
+    def _execute(self, op: dict, guard: bool) -> None:
+        kind, ref = op["kind"], op["run"]
+        if kind == "open":
+            self._open(op, op.get("attempts", 1) > 1 or op.get("replayed", False))
+            return
+        run_id = self._resolve(ref)
+        if kind == "metrics":
+            if guard and self._already_logged(run_id, op["probe"], op["step"]):
+                return
+            items = [Metric(k, float(v), op["timestamp"], op["step"]) for k, v in sorted(op["metrics"].items())]
+            for start in range(0, len(items), 500):
+                self.client.log_batch(run_id, metrics=items[start:start + 500])
+        elif kind == "tags":
+            tracking.set_tags(self.client, run_id, op["tags"])
+        elif kind == "artifacts":
+            for path in op["paths"]:
+                if Path(path).is_file():
+                    self.client.log_artifact(run_id, path)
+        elif kind == "status":
+            if op["status"] == "RUNNING":
+                self.client.update_run(run_id, status="RUNNING")
+            else:
+                self.client.set_terminated(run_id, status=op["status"])
+        elif kind == "clear_end":
+            self._clear_end_tags(run_id)
+        elif kind == "best":
+            self._log_best(run_id, op["key"])
+        else:
+            raise ValueError(f"unknown tracking operation {kind!r}")
+
+    def _open(self, op: dict, retried: bool) -> None:
+        """Find or create the run; on creation (or a retry, which may follow a half-done creation)
+        write its params, dataset inputs and config (all of which MLflow stores idempotently)."""
+        ref = op["run"]
+        run_id, created = tracking.get_or_create_run(self.client, ref["experiment_id"], ref["identity"],
+                                                     op["run_name"], op.get("tags"))
+        if created or retried:
+            tracking.log_params(self.client, run_id, op.get("params", {}))
+            if op.get("datasets"):
+                _log_datasets(self.client, run_id, op["datasets"])
+            if op.get("config_yaml"):
+                import tempfile
+                with tempfile.TemporaryDirectory() as tmp:
+                    path = Path(tmp) / "config.yaml"
+                    path.write_text(op["config_yaml"])
+                    self.client.log_artifact(run_id, str(path))
+        else:
+            self._clear_end_tags(run_id)
+        key = ref_key(ref)
+        self.run_ids[key] = run_id
+        if op.get("history_key"):
+            history = self.client.get_metric_history(run_id, op["history_key"])
+            self.max_step[key] = max((m.step for m in history), default=0)
+
+    def _clear_end_tags(self, run_id: str) -> None:
+        """A reopened run (resumed, retried) drops the tags that said how it ended before."""
+        tags = self.client.get_run(run_id).data.tags
+        for key in END_TAGS:
+            if key in tags:
+                self.client.delete_tag(run_id, key)
+
+    def _already_logged(self, run_id: str, probe: str, step: int) -> bool:
+        return any(m.step == step for m in self.client.get_metric_history(run_id, probe))
+
+    def _log_best(self, run_id: str, key: str) -> None:
+        """best_* metrics: every metric's value at the epoch with the highest validation `key`."""
+        import math
+
+        history = self.client.get_metric_history(run_id, key)
+        if not history:
+            return
+        best = max(history, key=lambda m: (m.value if not math.isnan(m.value) else -math.inf, -m.step))
+        if self._already_logged(run_id, "best_epoch", best.step):  # once per trial: always checked
+            return
+        run = self.client.get_run(run_id)
+        best_metrics = {"best_epoch": best.step}
+        for name in run.data.metrics:
+            if name.startswith(("pck", "auc", "train_loss")):
+                for m in self.client.get_metric_history(run_id, name):
+                    if m.step == best.step:
+                        best_metrics[f"best_{name}"] = m.value
+        tracking.log_metrics(self.client, run_id, best_metrics, step=best.step)
+
+    # --- outage bookkeeping ----------------------------------------------------------------
+    def _short(self, exc: BaseException) -> str:
+        """The error on one line, without the URI's secrets."""
+        return tracking.scrub(str(exc), self.tracking_uri)[:300] or type(exc).__name__
+
+    def _note_down(self, exc: BaseException) -> None:
+        now = time.monotonic()
+        if self._down_since is None:
+            self._down_since = now
+            self._delay = FIRST_RETRY_S
+            where = f", spooled to {self.spool_path}" if self.spool_path else ""
+            self.log(f"Tracking: {self.shown_uri} unreachable ({self._short(exc)}); queueing writes in order"
+                     f"{where}, retrying with backoff")
+        else:
+            self._delay = min(self._delay * 2, MAX_RETRY_S)
+        self._next_attempt = now + self._delay
+
+    def _note_up(self) -> None:
+        if self._down_since is not None:
+            self.log(f"Tracking: {self.shown_uri} is back after {time.monotonic() - self._down_since:.0f} s; "
+                     f"{self.sent_from_queue} queued write(s) sent")
+        self._down_since = None
+        self.sent_from_queue = 0
+        self._next_attempt = 0.0
+        self._delay = FIRST_RETRY_S
+
+    # --- spool file ------------------------------------------------------------------------
+    def _append_spool(self, op: dict) -> None:
+        if self.spool_path is None:
+            return
+        try:
+            self.spool_path.parent.mkdir(parents=True, exist_ok=True)
+            with self.spool_path.open("a") as handle:
+                handle.write(json.dumps(op) + "\n")
+        except OSError as exc:
+            self.log(f"Tracking: cannot write the spool file {self.spool_path} ({exc}); queued writes are "
+                     f"kept in memory only")
+
+    def _rewrite_spool(self) -> None:
+        """The file holds exactly the queue (atomically replaced), or is gone when it is empty."""
+        if self.spool_path is None:
+            return
+        try:
+            if not self.queue:
+                self.spool_path.unlink(missing_ok=True)
+                return
+            self.spool_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.spool_path.with_suffix(".tmp")
+            tmp.write_text("".join(json.dumps(op) + "\n" for op in self.queue))
+            os.replace(tmp, self.spool_path)
+        except OSError as exc:
+            self.log(f"Tracking: cannot write the spool file {self.spool_path} ({exc})")
+
+    def _load_spool(self) -> None:
+        if self.spool_path is None or not self.spool_path.is_file():
+            return
+        lines = self.spool_path.read_text(errors="replace").splitlines()
+        torn = 0
+        for line in lines:
+            try:
+                op = json.loads(line)
+            except json.JSONDecodeError:  # the last line of a driver killed while appending
+                torn += 1
+                continue
+            op["replayed"] = True
+            self.queue.append(op)
+        self.log(f"Tracking: replaying {len(self.queue)} write(s) a previous driver left in {self.spool_path}"
+                 + (f" ({torn} torn line(s) skipped)" if torn else ""))
+
+
+def _log_datasets(client: MlflowClient, run_id: str, datasets: list[dict]) -> None:
+    """The cache files as the run's dataset inputs: [{"name", "path", "digest", "split"}]."""
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.data.sources import LocalArtifactDatasetSource
+    from mlflow.entities import DatasetInput, InputTag
+
+    for item in datasets:
+        dataset = MetaDataset(source=LocalArtifactDatasetSource(item["path"]), name=item["name"], digest=item["digest"])
+        split = item["split"]
+        client.log_inputs(run_id, [DatasetInput(dataset._to_mlflow_entity(),
+                                                tags=[InputTag("mlflow.data.context", split)])])
+
+
+
+
+def metrics_op(ref: dict, metrics: dict[str, Any], step: int, probe: str, guard: bool) -> dict:
+    """A metrics write with its timestamp fixed now (a resend is then an identical metric)."""
+    names = {tracking.metric_name(k): float(v) for k, v in metrics.items()}
+    return {"kind": "metrics", "run": ref, "metrics": names, "step": int(step),
+            "timestamp": int(time.time() * 1000), "probe": tracking.metric_name(probe), "guard": guard}
