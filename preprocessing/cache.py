@@ -56,10 +56,11 @@ FORMAT_VERSION = 1
 COMPLETION_ATTR = "completion"
 FILE_SIZE_ATTR = "file_size"
 VERIFY_BLOCK_BYTES = 32 * 2**20  # rows read per step of a full check
-# Files up to this size get the full check wherever they are checked (a build's hit, a node's copy):
-# well under a second on 2 cores (bench/RESULTS.md, "Preprocessing"). Larger ones get the cheap
-# check there, and the full one when copied to a node or by `python -m preprocessing verify`.
-FULL_CHECK_MAX_BYTES = 256 * 2**20
+# Files up to this size get the full check wherever they are checked (a build's hit, a node's
+# existing copy): about 0.1 s at most on 2 cores (bench/RESULTS.md, "Preprocessing"), so a hit stays
+# near-instant. Larger ones get the cheap check there, and the full one when copied to a node or
+# by `python -m preprocessing verify`.
+FULL_CHECK_MAX_BYTES = 32 * 2**20
 
 
 def full_check_is_cheap(path: str | os.PathLike) -> bool:
@@ -279,13 +280,20 @@ def check_record(file: h5py.File, path: Path) -> dict:
     return record
 
 
-def dataset_crc32(dataset: h5py.Dataset) -> int:
-    """CRC-32 of a dataset's rows in order (the value CacheWriter records), in blocks of rows."""
+def dataset_crc32(dataset: h5py.Dataset, fd: int) -> int:
+    """CRC-32 of a dataset's rows in order (the value CacheWriter records), in blocks of rows; raw
+    rows (uncompressed) read with os.pread from `fd`, the same file (1.3x faster than h5py slices)."""
     row_bytes = max(1, dataset.dtype.itemsize * int(np.prod(dataset.shape[1:], dtype=np.int64)))
     step = max(1, VERIFY_BLOCK_BYTES // row_bytes)
+    offsets = raw_row_offsets(dataset)
     crc = 0
     for start in range(0, dataset.shape[0], step):
-        crc = zlib.crc32(np.ascontiguousarray(dataset[start:start + step]), crc)
+        if offsets is None:
+            block = np.ascontiguousarray(dataset[start:start + step])
+        else:
+            block = np.empty((len(offsets[start:start + step]), *dataset.shape[1:]), dtype=dataset.dtype)
+            pread_rows(fd, block, offsets[start:start + step], f"dataset {dataset.name!r}")
+        crc = zlib.crc32(block, crc)
     return crc
 
 
@@ -300,11 +308,15 @@ def check_cache(path: str | os.PathLike, full: bool = False, hint: str = REBUILD
         with _open_h5(path) as file:
             record = check_record(file, path)
             if full:
-                for name in LAYOUT:
-                    expected, actual = record["datasets"][name]["crc32"], dataset_crc32(file[name])
-                    if actual != expected:
-                        raise CacheDamagedError(path, f"dataset {name!r} does not match its checksum "
-                                                      f"(crc32 {actual:08x}, recorded {expected:08x})")
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    for name in LAYOUT:
+                        expected, actual = record["datasets"][name]["crc32"], dataset_crc32(file[name], fd)
+                        if actual != expected:
+                            raise CacheDamagedError(path, f"dataset {name!r} does not match its checksum "
+                                                          f"(crc32 {actual:08x}, recorded {expected:08x})")
+                finally:
+                    os.close(fd)
     except CacheDamagedError as exc:
         raise CacheDamagedError(path, exc.reason, hint) from None
     except (OSError, RuntimeError) as exc:  # HDF5 cannot read a chunk or its index
