@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import threading
 from typing import Callable, Iterator
 
@@ -44,7 +45,8 @@ def stop_signals(on_stop: Callable[[int], None]) -> Iterator[None]:
         try:
             on_stop(signum)
         except Exception as exc:  # closing the runs failed: still stop, and say why
-            print(f"While stopping: {type(exc).__name__}: {exc}", flush=True)
+            with contextlib.suppress(Exception):
+                print(f"While stopping: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
         raise SweepStopped(signum)
 
     for signum in STOP_SIGNALS:

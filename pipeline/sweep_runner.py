@@ -238,8 +238,8 @@ def _end_runs(writer: TrackingWriter, parent_ref: dict, status: str, reason: str
     writer.enqueue({"kind": "tags", "run": parent_ref, "tags": {"cpm.status": status.lower(), "cpm.error": reason}})
     writer.enqueue({"kind": "status", "run": parent_ref, "status": status})
     sent = writer.drain(STOP_DRAIN_TIMEOUT_S if status == "KILLED" else DRAIN_TIMEOUT_S)
-    print(f"{reason}: the sweep run and {closed} open trial run(s) marked {status}"
-          + ("" if sent else " (queued: not sent yet)"), flush=True)
+    writer.log(f"{reason}: the sweep run and {closed} open trial run(s) marked {status}"
+               + ("" if sent else " (queued: not sent yet)"))
 
 
 def _report_to_parent_run(client: MlflowClient, experiment_id: str, parent_run_id: str) -> str:

@@ -44,6 +44,15 @@ _PERMANENT_CODES = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "RESOU
                     "ENDPOINT_NOT_FOUND", "NOT_FOUND", "INVALID_REQUEST"}
 
 
+def say(message: str) -> None:
+    """Print a line; never fails (it may run in a signal handler that interrupted a print, where
+    a buffered stream raises 'reentrant call')."""
+    try:
+        print(message, flush=True)
+    except (RuntimeError, OSError, ValueError):
+        pass
+
+
 def bound_http_retries() -> None:
     """Make one MLflow HTTP call fail within seconds (the user's own settings win)."""
     for key, value in HTTP_RETRY_ENV.items():
@@ -86,7 +95,7 @@ class TrackingWriter:
         self.shown_uri = tracking.redact_uri(tracking_uri)  # for messages: no secrets
         self.client = MlflowClient(tracking_uri)
         self.spool_path = Path(spool_path) if spool_path else None
-        self.log = log or (lambda message: print(message, flush=True))
+        self.log = log or say
         self.queue: deque[dict] = deque()
         self.run_ids: dict[str, str] = {}  # ref key -> run id
         self.max_step: dict[str, int] = {}  # ref key -> highest step of the open op's history key

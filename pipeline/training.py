@@ -35,7 +35,7 @@ from pipeline.evaluate import PCKCounts, autocast, build_model, evaluate_batches
 TRAIN_KEYS = ("images", "belief_maps", "joints")
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDivergedError(RuntimeError):
     """The training loss became NaN or infinite: training on would only give NaN weights."""
 EVAL_KEYS = ("images", "affine", "joints_original", "torso")
 
@@ -262,7 +262,7 @@ def train_one_epoch(model, optimizer, scheduler, batches, config: ExperimentConf
 
 
 def check_finite_loss(loss_sum: float, sums: dict, ctx: WorkerContext, epoch: int) -> None:
-    """Raise TrainingDiverged naming the epoch and the first step (over all ranks) whose loss was
+    """Raise TrainingDivergedError naming the epoch and the first step (over all ranks) whose loss was
     NaN or infinite. `loss_sum` is the all-reduced sum, the same on every rank."""
     if math.isfinite(loss_sum):
         return
@@ -274,7 +274,7 @@ def check_finite_loss(loss_sum: float, sums: dict, ctx: WorkerContext, epoch: in
            if step > 0]
     step, is_nan = min(bad) if bad else (0, math.isnan(loss_sum))
     where = f"step {step}" if step else "a step"
-    raise TrainingDiverged(f"loss became {'NaN' if is_nan else 'inf'} at epoch {epoch}, {where} "
+    raise TrainingDivergedError(f"loss became {'NaN' if is_nan else 'inf'} at epoch {epoch}, {where} "
                            f"(of {int(sums['steps'])} on this worker); lower train.lr or check the data")
 
 

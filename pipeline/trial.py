@@ -33,7 +33,7 @@ def worker_loop(loop_config: dict) -> None:
     from . import cache_sync
     from .node_versions import check_worker_versions
     from .ray_context import RayTrainContext
-    from .training import TrainingDiverged, train_worker
+    from .training import TrainingDivergedError, train_worker
 
     _quiet_train_reports()
     # A node that joined after the sweep's start was not checked there.
@@ -47,7 +47,7 @@ def worker_loop(loop_config: dict) -> None:
                        for split, path in loop_config["cache_paths"].items()}
     try:
         result = train_worker(config, ctx, progress=False, cache_paths=cache_paths)
-    except TrainingDiverged as exc:
+    except TrainingDivergedError as exc:
         # Raised, it would make Ray Train restart the worker group (sweep.max_failures), which
         # would diverge again. Every rank got it (from the all-reduced loss): all end normally and
         # the chief leaves the message for run_trial, which fails the trial with it.
@@ -125,8 +125,8 @@ def run_trial(trial_config: dict, base_config: dict, plan: ResourcePlan, sweep_i
     diverged.unlink(missing_ok=True)  # from an earlier attempt (--retry-failed)
     result = trainer.fit()
     if diverged.is_file():
-        from .training import TrainingDiverged
-        raise TrainingDiverged(diverged.read_text())
+        from .training import TrainingDivergedError
+        raise TrainingDivergedError(diverged.read_text())
     # Tell the driver where the artifacts and the best checkpoint are (it logs them to MLflow).
     best = max(result.best_checkpoints, key=lambda item: item[1].get("pck", float("-inf")), default=None)
     tune.report({ARTIFACT_ROW: artifacts_dir,
