@@ -1,22 +1,31 @@
 """The Convolutional Pose Machine network (Wei et al., CVPR 2016), paper and VGG backbones.
 
-Input: float images (B, 3, H, W) in [0, 1], H and W multiples of 8 (the model subtracts 0.5).
+Input: float images (B, 3, H, W), RGB in [0, 1], H and W multiples of 8. The paper backbone
+subtracts 0.5; the VGG backbone normalises with ImageNet's mean and std (0.485, 0.456, 0.406 /
+0.229, 0.224, 0.225), the input torchvision's VGG-19 weights were trained on.
 Output: every stage's belief maps stacked, (B, T, P+1, H/8, W/8); the last map is the background.
 
-paper backbone (Fig. 2), k = stage1_kernel (9), k' = max(1, k - 4) (5), channels x width:
+paper backbone (Fig. 2; the released LSP model, pose_deploy_centerMap), k = stage1_kernel (9),
+k' = max(1, k - 4) (5), channels x width:
   stage 1:  convk-128, pool, convk-128, pool, convk-128, pool, convk'-32, convk-512, conv1-512, conv1-(P+1)
-  trunk x': convk-128, pool, convk-128, pool, convk-128, pool, convk'-32   (ONE module, used by all stages >= 2)
-  stage t:  [x', b_{t-1}, centre map at stride 8] -> later_convs x conv(later_kernel)-128, conv1-128, conv1-(P+1)
+  trunk x': convk-128, pool, convk-128, pool, convk-128, pool   (ONE module, run once, read by all stages >= 2)
+  stage t:  its own convk'-32 on x' (conv4_stage2, conv1_stage3 .. conv1_stage6), then
+            [that, b_{t-1}, centre map at stride 8] -> later_convs x conv(later_kernel)-128, conv1-128, conv1-(P+1)
+  6 stages, 14 parts: 31,219,866 parameters, as the released model.
   Pools are max 3x3 stride 2 padding 1: exactly input / 2 for even input (Caffe's ceil mode gives
   the same size). Their window centres make the field of belief cell i centred on input pixel 8i,
   3.5 px off the cell centre 8i + 3.5 that the targets use; the convolutions learn that shift.
+  Receptive field at the paper's kernels: 167 px after stage 1, 407 px after stage 2, +240 px per
+  further stage (a stage's own convk'-32 adds to the image path only, whose 167 px stay below the
+  previous beliefs' field).
 vgg backbone (the released MPII/LSP models, pose_deploy_centerMap):
   features: VGG-19 conv1_1 .. conv4_2 (three 2x2 max-pools, stride 8), then conv4_3_CPM ..
             conv4_6_CPM 3x3-256 and conv4_7_CPM 3x3-128 (computed once, read by every stage)
   stage 1:  conv5_1_CPM 1x1-512, conv5_2_CPM 1x1-(P+1)
   stage t:  [features, b_{t-1}, centre map] -> later_convs x conv(later_kernel)-128, conv1-128, conv1-(P+1)
-  with later_kernel / later_convs defaulting to 7 / 5 (paper backbone: 11 / 3). The VGG layers
-  are named so that torchvision's vgg19 `features.N` weights load (`load_vgg_weights`).
+  with later_kernel / later_convs defaulting to 7 / 5 (paper backbone: 11 / 3); 6 stages, 14
+  parts: 29,852,058 parameters. The VGG layers are named so that torchvision's vgg19
+  `features.N` weights load (`load_vgg_weights`).
 
 ReLU after every convolution except each stage's last; optional BatchNorm after each of those
 (not inside the VGG front, whose ImageNet weights were trained without it).
@@ -44,6 +53,9 @@ STRIDE = 8
 VGG19_CONV_INDICES = (0, 2, 5, 7, 10, 12, 14, 16, 19, 21)
 VGG19_CONV_CHANNELS = (64, 64, 128, 128, 256, 256, 256, 256, 512, 512)
 VGG19_POOL_AFTER = (2, 7, 16)  # conv indices followed by a 2x2 max-pool (features.4, .9, .18)
+# The input torchvision's ImageNet weights expect: RGB in [0, 1], normalised per channel.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def scaled_channels(channels: int, width: float) -> int:
@@ -88,10 +100,13 @@ def _layers_of(modules: Sequence[nn.Module]) -> tuple[Layer, ...]:
 
 
 class LaterStage(nn.Module):
-    """A stage t >= 2: image features + previous beliefs + centre map -> beliefs."""
+    """A stage t >= 2: image features (through its own `image_conv`, if any) + previous beliefs +
+    centre map -> beliefs. `image_conv` is the paper backbone's per-stage convk'-32 (None for vgg)."""
 
-    def __init__(self, in_ch: int, num_maps: int, kernel: int, convs: int, width: float, batch_norm: bool):
+    def __init__(self, in_ch: int, num_maps: int, kernel: int, convs: int, width: float, batch_norm: bool,
+                 image_conv: nn.Module | None = None):
         super().__init__()
+        self.image_conv = image_conv
         mid = scaled_channels(128, width)
         layers: list[nn.Module] = []
         for i in range(convs):
@@ -101,6 +116,8 @@ class LaterStage(nn.Module):
         self.layers = nn.Sequential(*layers)
 
     def forward(self, features: torch.Tensor, beliefs: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
+        if self.image_conv is not None:
+            features = self.image_conv(features)
         return self.layers(torch.cat([features, beliefs, centre], dim=1))
 
 
@@ -132,18 +149,22 @@ class CPM(nn.Module):
         if backbone == "paper":
             k, k_narrow = stage1_kernel, narrow_trunk_kernel(stage1_kernel)
 
-            def image_features() -> list[nn.Module]:
+            def image_trunk() -> list[nn.Module]:
                 return [*_conv(3, c(128), k, batch_norm), _pool(),
                         *_conv(c(128), c(128), k, batch_norm), _pool(),
-                        *_conv(c(128), c(128), k, batch_norm), _pool(),
-                        *_conv(c(128), c(32), k_narrow, batch_norm)]
+                        *_conv(c(128), c(128), k, batch_norm), _pool()]
 
-            self.stage1 = nn.Sequential(*image_features(),
+            def narrow_conv() -> list[nn.Module]:
+                return _conv(c(128), c(32), k_narrow, batch_norm)
+
+            self.stage1 = nn.Sequential(*image_trunk(), *narrow_conv(),
                                         *_conv(c(32), c(512), k, batch_norm),
                                         *_conv(c(512), c(512), 1, batch_norm),
                                         *_conv(c(512), num_maps, 1, batch_norm, relu=False))
-            # x': same layers as stage 1 up to conv5x5-32, its own weights, shared by all stages >= 2.
-            self.trunk = nn.Sequential(*image_features()) if stages >= 2 else None
+            # x': stage 1's layers up to its third pool, own weights, shared by all stages >= 2
+            # (the released model's conv1..pool3_stage2); each stage >= 2 has its own convk'-32 on it.
+            self.trunk = nn.Sequential(*image_trunk()) if stages >= 2 else None
+            image_conv = lambda: nn.Sequential(*narrow_conv())  # noqa: E731
             feature_ch = c(32)
         else:
             layers: list[nn.Module] = []
@@ -162,9 +183,15 @@ class CPM(nn.Module):
             self.stage1 = nn.Sequential(*_conv(c(128), c(512), 1, batch_norm),
                                         *_conv(c(512), num_maps, 1, batch_norm, relu=False))
             feature_ch = c(128)
+            image_conv = lambda: None  # noqa: E731 - stages read the shared features as they are
         self.later_stages = nn.ModuleList(
-            LaterStage(feature_ch + num_maps + 1, num_maps, self.later_kernel, self.later_convs, width, batch_norm)
+            LaterStage(feature_ch + num_maps + 1, num_maps, self.later_kernel, self.later_convs, width, batch_norm,
+                       image_conv())
             for _ in range(stages - 1))
+        mean, std = ((0.5,) * 3, (1.0,) * 3) if backbone == "paper" else (IMAGENET_MEAN, IMAGENET_STD)
+        # Not in the state dict (fixed by the backbone); follows the model's device and dtype.
+        self.register_buffer("input_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("input_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self._init_weights(init)
 
     @classmethod
@@ -195,8 +222,8 @@ class CPM(nn.Module):
     def stage_modules(self, stage: int) -> list[nn.Module]:
         """The modules whose parameters belong to stage `stage` (1-based).
 
-        paper: the trunk x' belongs to stage 2 (stages >= 3 only reuse it). vgg: the shared
-        features belong to stage 1.
+        paper: the trunk x' belongs to stage 2 (stages >= 3 only reuse it; each owns its convk'-32).
+        vgg: the shared features belong to stage 1.
         """
         if not 1 <= stage <= self.stages:
             raise ValueError(f"stage must be in 1..{self.stages}, got {stage}")
@@ -215,8 +242,28 @@ class CPM(nn.Module):
         """(kernel, stride) per layer along each path, read from the built modules."""
         image = self._image_path()
         trunk = image if self.backbone == "vgg" else [self.trunk] if self.trunk is not None else []
-        later = [self.later_stages[0]] if self.stages >= 2 else []
-        return LayerSpec(stage1=_layers_of([*image, self.stage1]), trunk=_layers_of(trunk), later=_layers_of(later))
+        first_later = self.later_stages[0] if self.stages >= 2 else None
+        branch = [first_later.image_conv] if first_later is not None and first_later.image_conv is not None else []
+        later = [first_later.layers] if first_later is not None else []
+        return LayerSpec(stage1=_layers_of([*image, self.stage1]), trunk=_layers_of(trunk), later=_layers_of(later),
+                         branch=_layers_of(branch))
+
+    def normalised_input(self, images: torch.Tensor) -> torch.Tensor:
+        """What the first convolution sees: (images - mean) / std of the backbone (see the module docstring)."""
+        return (images - self.input_mean.to(images.dtype)) / self.input_std.to(images.dtype)
+
+    def earlier_layout_note(self, state_dict: dict) -> str | None:
+        """Why `state_dict` does not load when it was saved by the earlier paper layout, whose stages
+        >= 2 shared one convk'-32 (the trunk's last layer), else None."""
+        if self.trunk is None:
+            return None
+        shared = f"trunk.{len(self.trunk)}."
+        if not any(k.startswith(shared) for k in state_dict) or any(".image_conv." in k for k in state_dict):
+            return None
+        k = narrow_trunk_kernel(self.stage1_kernel)
+        return (f"it has the earlier layout in which all stages >= 2 share one conv{k}x{k}-32 ({shared}*); "
+                f"each stage >= 2 now has its own (later_stages.N.image_conv, as in the released model), "
+                f"so train it again")
 
     # --- forward --------------------------------------------------------------------------------
     def pooled_center_map(self, images: torch.Tensor, centre: torch.Tensor | None = None) -> torch.Tensor:
@@ -237,7 +284,7 @@ class CPM(nn.Module):
             raise ValueError(f"images must have shape (B, 3, H, W), got {tuple(images.shape)}")
         if images.shape[-1] % STRIDE or images.shape[-2] % STRIDE:
             raise ValueError(f"image height and width must be multiples of {STRIDE}, got {tuple(images.shape[-2:])}")
-        x = images - 0.5
+        x = self.normalised_input(images)
         if self.backbone == "vgg":
             features = self.features(x)
             beliefs = self.stage1(features)

@@ -5,9 +5,14 @@ r = 1 + sum_i (k_i - 1) * j_i with j_i = prod_{l < i} s_l (the "jump", input pix
 layer i's input grid). Padding moves the field but does not change its size.
 
 A stage t >= 2 reads two image-dependent inputs on the stride-8 grid: the shared image-feature
-trunk x' and the previous stage's beliefs b_{t-1}. Its field is the larger of the two inputs'
-fields plus what its own convolutions add. (The centre map does not depend on the image.)
-Paper layout (Fig. 2): 167 px after stage 1, 407 after stage 2, +240 (3 x 10 x 8) per stage.
+trunk x' (paper: through the stage's own conv5x5-32, the `branch`) and the previous stage's
+beliefs b_{t-1}. Its field is the larger of the two inputs' fields plus what its own convolutions
+add. (The centre map does not depend on the image.) Both fields are centred on the same pixel,
+so the larger one contains the other.
+Paper layout (Fig. 2, the released LSP model): 167 px after stage 1, 407 after stage 2, +240
+(3 x 10 x 8) per stage. The image path x' + conv5x5-32 is stage 1's stack up to that conv
+(103 px), below every b_{t-1}'s field, so giving each stage its own conv5x5-32 (as the released
+model does) leaves every field unchanged.
 
 Small inputs (a person is about 0.7 x the crop side). Stage 1's field depends only on
 stage1_kernel (k); with the stride-8 pooling fixed, 3x3 kernels still give 45 px:
@@ -46,14 +51,17 @@ BACKBONES = ("paper", "vgg")
 class LayerSpec:
     """The (kernel, stride) of every convolution and pooling layer, per input path.
 
-    stage1: image -> stage-1 beliefs. trunk: image -> the features that stages >= 2 read
-    (the paper's shared trunk x', or the VGG features). later: one stage t >= 2, from its
-    concatenated input to its beliefs (all later stages have the same layout).
+    stage1: image -> stage-1 beliefs. trunk: image -> the shared features that stages >= 2 read
+    (the paper's trunk x', or the VGG features). branch: what each stage t >= 2 applies to the
+    trunk's output before the concatenation (the paper's per-stage conv5x5-32; none for vgg).
+    later: one stage t >= 2, from its concatenated input to its beliefs (all later stages have
+    the same layout).
     """
 
     stage1: tuple[Layer, ...]
     trunk: tuple[Layer, ...]
     later: tuple[Layer, ...]
+    branch: tuple[Layer, ...] = ()
 
 
 def narrow_trunk_kernel(stage1_kernel: int) -> int:
@@ -98,8 +106,9 @@ def cpm_layer_spec(backbone: str = "paper", stage1_kernel: int = 9, later_kernel
         if k < 1 or k % 2 == 0:
             raise ValueError(f"stage1_kernel must be an odd integer >= 1, got {k}")
         pool = (3, 2)
-        trunk = ((k, 1), pool, (k, 1), pool, (k, 1), pool, (narrow_trunk_kernel(k), 1))
-        return LayerSpec(stage1=trunk + ((k, 1), (1, 1), (1, 1)), trunk=trunk, later=later)
+        trunk = ((k, 1), pool, (k, 1), pool, (k, 1), pool)
+        branch = ((narrow_trunk_kernel(k), 1),)
+        return LayerSpec(stage1=trunk + branch + ((k, 1), (1, 1), (1, 1)), trunk=trunk, later=later, branch=branch)
     features = VGG_FRONT_LAYERS + VGG_CPM_LAYERS
     return LayerSpec(stage1=features + ((1, 1), (1, 1)), trunk=features, later=later)
 
@@ -117,7 +126,7 @@ def receptive_fields_from_spec(spec: LayerSpec, stages: int) -> list[int]:
     rf1, jump1 = receptive_field_of_layers(spec.stage1)
     fields = [rf1]
     if stages >= 2:
-        rf_trunk, jump_trunk = receptive_field_of_layers(spec.trunk)
+        rf_trunk, jump_trunk = receptive_field_of_layers(spec.trunk + spec.branch)
         if jump_trunk != jump1:
             raise ValueError(f"trunk stride {jump_trunk} differs from stage-1 stride {jump1}: cannot concatenate")
         for _ in range(2, stages + 1):

@@ -305,10 +305,14 @@ def _count_stages(keys) -> int:
 
 
 def load_model_state(model: torch.nn.Module, state_dict: dict, source: str) -> None:
-    """Strict load with a readable CheckpointError on mismatch."""
+    """Strict load with a readable CheckpointError on mismatch (saying so when the state dict has
+    an earlier layout of the network, `CPM.earlier_layout_note`)."""
     differences = state_dict_differences(state_dict, model.state_dict())
     if differences:
-        raise CheckpointError(f"{source} does not fit this model: {'; '.join(differences)}")
+        note_of = getattr(model, "earlier_layout_note", None)
+        note = note_of(state_dict) if callable(note_of) else None
+        raise CheckpointError(f"{source} does not fit this model: {'; '.join(differences)}"
+                              + (f" ({note})" if note else ""))
     model.load_state_dict(state_dict)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from torch import nn
 
 from cpm_model import CPM, cpm_layer_spec, effective_receptive_field_px, receptive_field_px, receptive_field_table
 from cpm_model.config import ModelConfig
@@ -20,6 +21,30 @@ def test_layer_arithmetic_by_hand():
 def test_paper_layout_167_407_then_plus_240():
     assert receptive_field_px() == [167, 407, 647, 887, 1127, 1367]
     assert receptive_field_px(stages=3) == [167, 407, 647]
+
+
+def test_released_lsp_layout_built_model():
+    # Stages >= 2 share the trunk up to its third pool and each has its own conv5x5-32 (as the
+    # released LSP model): the image path is 103 px, below every previous stage's field, so the
+    # fields stay 167 / 407 / +240 per stage. Read from the built layers, not from a table.
+    model = CPM(stages=6)  # full width: the layers as released
+    spec = model.layer_spec()
+    assert spec.trunk[-1] == (3, 2) and spec.branch == ((5, 1),)
+    assert receptive_field_of_layers(spec.trunk + spec.branch) == (103, 8)
+    assert receptive_field_px(model) == [167, 407, 647, 887, 1127, 1367]
+    assert spec == cpm_layer_spec("paper")
+
+
+def test_each_stages_own_conv_is_on_the_image_path():
+    # A 41x41 conv of its own on the trunk (71 px) makes the image path 71 + 40 x 8 = 391 px, more
+    # than stage 1's 167: stage 2 then sees 391 + 240 = 631 px, analytic and measured.
+    model = CPM(stages=2, width=TINY, input_size=64)
+    stage = model.later_stages[0]
+    own = stage.image_conv[0]
+    stage.image_conv[0] = nn.Conv2d(own.in_channels, own.out_channels, 41, padding=20)
+    assert receptive_field_of_layers(model.layer_spec().trunk) == (71, 8)
+    assert receptive_field_px(model) == [167, 631]
+    assert effective_receptive_field_px(model, 2) == 631
 
 
 def test_vgg_layout():
