@@ -27,13 +27,14 @@ import ray
 
 def cluster_capacity() -> dict:
     """The connected cluster's capacity (ray.init() must have run)."""
-    nodes = [dict(n["Resources"]) for n in ray.nodes() if n["Alive"]]
+    alive_nodes = [n for n in ray.nodes() if n["Alive"]]
+    nodes = [dict(n["Resources"]) for n in alive_nodes]
     config, source = _reported_cluster_config()
     if config is None:
         config, source = _autoscaling_config_file()
     if config is None:
         return {"nodes": nodes, "node_types": [], "max_workers": None, "source": None}
-    alive = _alive_nodes_per_type()
+    alive = _alive_nodes_per_type() or _alive_nodes_per_group_label(alive_nodes)
     for node_type in config["node_types"]:
         node_type["alive"] = alive.get(node_type["name"], 0)
     return {"nodes": nodes, **config, "source": source}
@@ -109,3 +110,13 @@ def _alive_nodes_per_type() -> dict[str, int]:
     except ValueError:
         return {}
     return {name: int(count) for name, count in (report.get("active_nodes") or {}).items()}
+
+
+def _alive_nodes_per_group_label(alive_nodes: list[dict]) -> dict[str, int]:
+    """The same from the node-group label KubeRay puts on its nodes (its autoscaler publishes no status)."""
+    counts: dict[str, int] = {}
+    for node in alive_nodes:
+        group = (node.get("Labels") or {}).get("ray.io/node-group")
+        if group:
+            counts[group] = counts.get(group, 0) + 1
+    return counts

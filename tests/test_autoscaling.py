@@ -23,7 +23,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -84,7 +83,7 @@ def autoscaling_cluster(tmp_path, ray_tmpdir):
     env = ray_env(ray_tmpdir)
     # RAY_FAKE_CLUSTER lets the autoscaler use the fake_multinode provider; it updates every second.
     head_env = dict(env, RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1")
-    for attempt in range(2):  # a raylet that does not register within Ray's 30 s on a busy machine
+    for attempt in range(3):  # a raylet that does not register within Ray's 30 s on a busy machine
         port = free_port()
         address = f"{get_node_ip_address()}:{port}"
         config_file = tmp_path / "autoscaling.json"

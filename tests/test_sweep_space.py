@@ -64,11 +64,13 @@ def autoscaling(head_cpus: float, gpu_nodes: int, gpu_cpus: float, max_gpu_nodes
 
 
 def test_resource_plan_two_cpus_runs_two_single_worker_trials():
-    plan = plan_resources(one_node(CPU=2.0), workers_per_trial=1, use_gpu=None, max_concurrent_trials=None, num_trials=10)
+    plan = plan_resources(one_node(CPU=2.0), workers_per_trial=1, use_gpu=None, max_concurrent_trials=None,
+                          num_trials=10)
     assert (plan.max_concurrent_trials, plan.cpus_per_worker, plan.use_gpu) == (2, 1.0, False)
     assert plan.describe() == ("2 trial(s) at a time, 1 worker(s) per trial, 1 CPU per worker "
                                "(GPUs: none now; no node type adds GPUs)")
-    plan = plan_resources(one_node(CPU=2.0), workers_per_trial=2, use_gpu=None, max_concurrent_trials=None, num_trials=10)
+    plan = plan_resources(one_node(CPU=2.0), workers_per_trial=2, use_gpu=None, max_concurrent_trials=None,
+                          num_trials=10)
     assert plan.max_concurrent_trials == 1
 
 
@@ -103,7 +105,8 @@ def test_resource_plan_autoscaling_cluster_without_gpu_nodes_yet_plans_gpus():
     assert plan.max_concurrent_trials == 8
     assert plan.reason == "GPUs: 3 now; node type gpu_worker can add up to 5 x 1 GPU"
     # The cluster's own cap on worker nodes bounds what the node types can add.
-    assert plan_resources(autoscaling(16.0, 0, 8.0, max_gpu_nodes=8, cap=3), 1, None, None, 20).max_concurrent_trials == 3
+    capped = autoscaling(16.0, gpu_nodes=0, gpu_cpus=8.0, max_gpu_nodes=8, cap=3)
+    assert plan_resources(capped, 1, None, None, 20).max_concurrent_trials == 3
 
 
 def test_resource_plan_unlimited_node_type():
@@ -127,7 +130,8 @@ def test_resource_plan_rejects_what_the_cluster_can_never_have():
                 "node_types": [{"name": "cpu_worker", "resources": {"CPU": 8.0}, "max_workers": 8, "alive": 0}]}
     plan = plan_resources(capacity, 64, None, None, 1)
     assert (plan.use_gpu, plan.max_concurrent_trials) == (False, 1)
-    assert plan.reason == "GPUs: none now; no node type adds GPUs; CPUs: 2 now; node type cpu_worker can add up to 8 x 8 CPU"
+    assert plan.reason == ("GPUs: none now; no node type adds GPUs; "
+                           "CPUs: 2 now; node type cpu_worker can add up to 8 x 8 CPU")
 
 
 def test_autoscaling_config_file_node_types():
