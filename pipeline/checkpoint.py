@@ -14,6 +14,12 @@ A checkpoint file holds one dict:
     best_epoch         epoch with the best validation PCK so far (or None)
     joint_names        list of part names (prediction needs them without the cache)
     flip_pairs         list of [a, b]
+    tensor_crc32       CRC-32 of every tensor's bytes (added on save, checked on read: torch.load
+                       checks the zip's structure, not the tensors' bytes)
+
+Files are written to a temp name, fsynced, renamed into place, and the directory fsynced, so a
+crash or a full disk never leaves half a checkpoint under the real name. Resuming from several
+kept checkpoints (`load_newest_usable`) skips a corrupt newest one, with a warning naming both.
 
 Nothing here imports Ray or MLflow.
 """
@@ -202,7 +208,8 @@ def save_checkpoint(checkpoint: dict, path: str | os.PathLike) -> Path:
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict:
-    """The checkpoint dict, with weights_only=True; CheckpointError naming the file otherwise."""
+    """The checkpoint dict, with weights_only=True; CorruptCheckpointError naming the file when it is
+    missing, unreadable or its tensors fail their checksum, CheckpointError when it is no checkpoint."""
     path = Path(path)
     if path.is_dir():
         path = path / "checkpoint.pt"
