@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script (`python pipeline/sweep.py`): use this checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cpm_model.config import ConfigError, ExperimentConfig, add_config_arguments, load_config  # noqa: E402
+from cpm_model.config import (ConfigError, ExperimentConfig, add_config_arguments,  # noqa: E402
+                              check_path_component, load_config)
 
 DEFAULT_PRESET = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
 
@@ -35,25 +35,36 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "on a cluster, storage every node sees")
     parser.add_argument("--dry-run", action="store_true", help="list the trials with their receptive fields and exit")
     parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="SWEEP_ID",
-                        help="continue a sweep whose driver stopped (default: the latest one of this preset)")
-    parser.add_argument("--sweep-id", default=None, help="name the sweep (default: preset name + start time)")
+                        help="continue a sweep whose driver stopped (default: the latest one of this preset), "
+                        "with the same config and tracking URI")
+    parser.add_argument("--retry-failed", action="store_true",
+                        help="with --resume: run the trials that failed again (in their MLflow runs)")
+    parser.add_argument("--sweep-id", default=None,
+                        help="name the sweep (default: preset name + start time + a random suffix)")
     return parser.parse_args(argv)
 
 
 def resolve_config(args: argparse.Namespace) -> ExperimentConfig:
-    overrides = list(args.overrides)
-    if args.data:
-        overrides.append(f"data.spec={args.data}")
-    if args.tracking_uri:
-        overrides.append(f"tracking.tracking_uri={args.tracking_uri}")
-    if args.storage_path:
-        overrides.append(f"sweep.storage_path={args.storage_path}")
-    return load_config(args.config or DEFAULT_PRESET, overrides)
+    return load_config(args.config or DEFAULT_PRESET, args.overrides, data=args.data,
+                       tracking_uri=args.tracking_uri, storage_path=args.storage_path)
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Sweep ids become directory names under the storage path and MLflow tag values."""
+    if args.retry_failed and not args.resume:
+        raise ConfigError("--retry-failed needs --resume [SWEEP_ID]: it re-runs the failed trials of a sweep")
+    if args.resume and args.sweep_id:
+        raise ConfigError("give the sweep to resume as --resume SWEEP_ID, not with --sweep-id")
+    if args.sweep_id is not None:
+        check_path_component(args.sweep_id, "--sweep-id")
+    if args.resume not in (None, "latest"):
+        check_path_component(args.resume, "--resume")
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
+        check_arguments(args)
         config = resolve_config(args)
         from pipeline.sweep_space import expand_grid, format_trial_table
         trials = expand_grid(config)
@@ -78,7 +89,8 @@ def main(argv=None) -> int:
     from pipeline.sweep_runner import SweepError, run_sweep
 
     try:
-        outcome = run_sweep(config, trials, resume=args.resume, sweep_id=args.sweep_id)
+        outcome = run_sweep(config, trials, resume=args.resume, sweep_id=args.sweep_id,
+                            retry_failed=args.retry_failed)
     except SweepError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from ray import tune
 
 from cpm_model.config import ExperimentConfig
 
-from . import tracking
+from . import sweep_identity, tracking
 from .interrupts import SweepStopped, stop_signals
 from .mlflow_callback import MLflowTrialLogger
 from .node_versions import VersionMismatchError, check_cluster_versions
@@ -42,10 +41,6 @@ class SweepOutcome:
     completed: bool
     failed_trials: list[str]
     table: str
-
-
-def new_sweep_id(config: ExperimentConfig) -> str:
-    return f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def latest_sweep_id(storage_path: Path, name: str) -> str:
@@ -113,7 +108,7 @@ def connect_ray() -> None:
 
 
 def run_sweep(config: ExperimentConfig, trials: list[TrialSpec], resume: str | None = None,
-              sweep_id: str | None = None) -> SweepOutcome:
+              sweep_id: str | None = None, retry_failed: bool = False) -> SweepOutcome:
     # Trials report per-epoch rows with `pck` and summary rows (test split, artifacts) without it.
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     # The MLflow callback is the runs' single writer; a SQLite commit on a busy disk takes 0.5-2 s,
@@ -123,16 +118,23 @@ def run_sweep(config: ExperimentConfig, trials: list[TrialSpec], resume: str | N
     os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
     bound_http_retries()
     uri = tracking.resolve_tracking_uri(config.tracking.tracking_uri)
-    try:
-        tracking.check_reachable(uri)  # before any trial starts
-    except tracking.TrackingError as exc:
-        raise SweepError(str(exc)) from None
     storage = Path(config.sweep.storage_path).expanduser().resolve()
+    identity = sweep_identity.identity_of(config, uri)
     if resume:
         sweep_id = latest_sweep_id(storage, config.name) if resume == "latest" else resume
         if not tune.Tuner.can_restore(str(storage / sweep_id)):
             raise SweepError(f"--resume: no sweep '{sweep_id}' under {storage}")
-    sweep_id = sweep_id or new_sweep_id(config)
+        try:
+            sweep_identity.check_resume(storage / sweep_id, identity)
+        except sweep_identity.IdentityError as exc:
+            raise SweepError(str(exc)) from None
+    elif sweep_id and (storage / sweep_id).exists():  # Tune would replay its trials and train nothing
+        raise SweepError(sweep_identity.already_exists(storage / sweep_id))
+    sweep_id = sweep_id or sweep_identity.new_sweep_id(config)
+    try:  # after the resume checks, so that a refused resume creates no store
+        tracking.check_reachable(uri)  # before any trial starts
+    except tracking.TrackingError as exc:
+        raise SweepError(str(exc)) from None
     print(f"Tracking: {tracking.redact_uri(uri)}\nSweep id: {sweep_id}  (checkpoints under {storage / sweep_id})",
           flush=True)
 
@@ -182,8 +184,13 @@ def run_sweep(config: ExperimentConfig, trials: list[TrialSpec], resume: str | N
         TRIAL_DRIVER_RESOURCES)
     experiment_path = str(storage / sweep_id)
     if resume:
-        tuner = tune.Tuner.restore(experiment_path, trainable, resume_unfinished=True, resume_errored=False)
+        # Errored trials (--retry-failed) start again from their last checkpoint, in their MLflow run.
+        tuner = tune.Tuner.restore(experiment_path, trainable, resume_unfinished=True, resume_errored=retry_failed)
     else:
+        try:
+            sweep_identity.claim(storage / sweep_id, identity)
+        except sweep_identity.IdentityError as exc:
+            raise SweepError(str(exc)) from None
         param_space = {"trial": tune.grid_search([t.as_dict() for t in trials])}
         if config.sweep.search:
             param_space["search"] = {k: tune_domain(k, v) for k, v in config.sweep.search.items()}
