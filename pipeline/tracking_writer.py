@@ -185,9 +185,15 @@ class TrackingWriter:
         return True
 
     def drain(self, timeout_s: float) -> bool:
-        """Keep sending until the queue is empty or `timeout_s` has passed; True when empty."""
+        """Keep sending until the queue is empty or the store has not taken a write for
+        `timeout_s`; True when empty."""
         deadline = time.monotonic() + timeout_s
-        while not self.flush(force=True):
+        while True:
+            before = len(self.queue)
+            if self.flush(force=True):
+                break
+            if len(self.queue) < before:  # the store takes writes again: wait for it, not the clock
+                deadline = time.monotonic() + timeout_s
             wait = min(self._delay, deadline - time.monotonic())
             if wait <= 0:
                 break
