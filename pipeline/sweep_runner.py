@@ -118,6 +118,7 @@ def run_sweep(config: ExperimentConfig, trials: list[TrialSpec], resume: str | N
     os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
     bound_http_retries()
     uri = tracking.resolve_tracking_uri(config.tracking.tracking_uri)
+    tracking.hide_run_links_with_secrets(uri)
     storage = Path(config.sweep.storage_path).expanduser().resolve()
     identity = sweep_identity.identity_of(config, uri)
     if resume:

@@ -70,22 +70,32 @@ def scrub(text: str, uri: str) -> str:
     return " ".join(text.split())[:800]
 
 
+def hide_run_links_with_secrets(uri: str) -> None:
+    """MLflow prints each closed run's link built from the tracking URI as given, a password or
+    token included; for such a URI it prints none."""
+    if uri_secrets(uri):
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+
+
 def is_database_uri(uri: str) -> bool:
     """A SQLAlchemy URI of a database server (MLflow's SQL store), e.g. postgresql://u:p@host:5432/db."""
     return uri.split("://", 1)[0].split("+", 1)[0] in ("postgresql", "mysql", "mssql")
 
 
-def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
+def check_reachable(uri: str, timeout_s: float = 5.0, answer_timeout_s: float = 60.0) -> None:
     """Fail fast, before any trial starts, when the tracking store does not answer: one bounded try
     where MLflow's clients retry for minutes (7 HTTP retries with back-off; 10 attempts, about
-    100 s, to create a database engine). Errors name the URI with its secrets masked."""
+    100 s, to create a database engine). Errors name the URI with its secrets masked.
+
+    `timeout_s` bounds connecting; `answer_timeout_s` the first query, which on a fresh server
+    also creates MLflow's tables (10-30 s against PostgreSQL on a busy machine)."""
     shown = redact_uri(uri)
     if uri.startswith(("http://", "https://")):
         _check_health(uri, shown, timeout_s)
     elif is_database_uri(uri):
         _check_database_login(uri, shown, timeout_s)
     # A server whose own database is down answers /health but fails every request: no retries here.
-    bounded = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(max(1, int(timeout_s)))}
+    bounded = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(int(answer_timeout_s))}
     saved = {key: os.environ.get(key) for key in bounded}
     os.environ.update(bounded)
     try:
@@ -230,7 +240,8 @@ def best_checkpoint_of_run(run_id: str, tracking_uri: str | None = None, downloa
     try:
         run = client.get_run(run_id)
     except Exception as exc:  # MLflow raises its own exception types for unknown ids
-        raise TrackingError(f"MLflow run {run_id!r} not found in {client.tracking_uri}: {exc}") from None
+        uri = client.tracking_uri
+        raise TrackingError(f"MLflow run {run_id!r} not found in {redact_uri(uri)}: {scrub(str(exc), uri)}") from None
     artifacts = {a.path for a in client.list_artifacts(run_id)}
     if "best_model.pt" in artifacts:
         target = download_dir or tempfile.mkdtemp(prefix=f"cpm-run-{run_id[:8]}-")

@@ -81,7 +81,7 @@ def start_sweep(tmp: Path, ray_tmpdir: str, tracking_uri: str, experiment: str, 
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def finish(proc: subprocess.Popen, timeout: float = 600) -> tuple[str, str]:
+def finish(proc: subprocess.Popen, timeout: float = 800) -> tuple[str, str]:
     try:
         out, err = proc.communicate(timeout=timeout)
     finally:
@@ -119,6 +119,7 @@ def runs_in_database(postgres, database: str, experiment: str) -> dict[str, dict
 
 @integration
 @slow
+@pytest.mark.timeout(900)  # two sweeps on two cores
 def test_two_sweeps_at_once_through_an_mlflow_server_on_postgres(postgres, tmp_path, ray_tmpdir):
     database_uri = postgres.create_database("sweeps", "tracker", PASSWORD)
     with mlflow_server(database_uri, tmp_path) as base:
@@ -240,6 +241,7 @@ def test_mlflow_server_whose_database_stopped_is_reported_before_any_trial(tmp_p
     with postgres_server() as database_server:  # its own: this test stops it
         database_uri = database_server.create_database("mlflow", "tracker", PASSWORD)
         with mlflow_server(database_uri, tmp_path) as base:
+            MlflowClient(base).search_experiments()  # the server has opened its database
             database_server.stop()
             error = failed_sweep(tmp_path, base)
     assert f"MLflow tracking store {base} cannot be used" in error
