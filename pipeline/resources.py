@@ -14,7 +14,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-TRIAL_DRIVER_RESOURCES = {"cpu": 0, "memory": 64 * 1024 * 1024}
+# A trial's driver (and the Train controller, which Ray places beside it) lives on the head node:
+# a worker node that is lost or preempted then takes only workers with it, which Train restarts
+# from the last checkpoint, instead of the whole trial.
+TRIAL_DRIVER_RESOURCES = {"cpu": 0, "memory": 64 * 1024 * 1024, "node:__internal_head__": 0.001}
 
 
 class ResourceError(ValueError):
