@@ -195,7 +195,7 @@ def load_runs(client: MlflowClient, experiment_name: str, parent_run_id: str | N
     experiment = client.get_experiment_by_name(experiment_name)
     if experiment is None:
         names = sorted(e.name for e in client.search_experiments(max_results=1000))
-        raise ReportError(f"no experiment named {experiment_name!r} in {client.tracking_uri}; "
+        raise ReportError(f"no experiment named {experiment_name!r} in {tracking.redact_uri(client.tracking_uri)}; "
                           f"experiments there: {', '.join(names) if names else '(none)'}")
     runs = collect_trial_runs(client, experiment.experiment_id, parent_run_id)
     if not runs:
