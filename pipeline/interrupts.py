@@ -17,9 +17,13 @@ from typing import Callable, Iterator
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-class SweepStopped(BaseException):
-    """The driver got a stop signal. A BaseException (like KeyboardInterrupt): Tune's and Ray's
-    `except Exception` clauses, which would first stop every trial gracefully, let it through."""
+_requested: list[int] = []  # the stop signal received inside `stop_signals`, if any
+
+
+class SweepStopped(KeyboardInterrupt):
+    """The driver got a stop signal. A KeyboardInterrupt: Tune's `except Exception` clauses (which
+    would first stop every trial gracefully) let it through, and where the signal lands inside
+    Ray's C++ code, Ray turns it into a KeyboardInterrupt instead of losing it."""
 
     def __init__(self, signum: int):
         self.signum = signum
@@ -28,6 +32,12 @@ class SweepStopped(BaseException):
     @property
     def exit_code(self) -> int:
         return 128 + self.signum
+
+
+def stop_requested() -> int | None:
+    """The stop signal received, for code that runs on (Tune's callbacks raise SweepStopped
+    from it, should the handler's exception have been lost in C code)."""
+    return _requested[0] if _requested else None
 
 
 @contextlib.contextmanager
@@ -42,6 +52,7 @@ def stop_signals(on_stop: Callable[[int], None]) -> Iterator[None]:
     def handler(signum, frame):
         for other, old in previous.items():
             signal.signal(other, old)
+        _requested.append(signum)
         try:
             on_stop(signum)
         except Exception as exc:  # closing the runs failed: still stop, and say why
@@ -56,3 +67,4 @@ def stop_signals(on_stop: Callable[[int], None]) -> Iterator[None]:
     finally:
         for signum, old in previous.items():
             signal.signal(signum, old)
+        _requested.clear()

@@ -17,6 +17,7 @@ from ray import tune
 from cpm_model.receptive_field import later_layout
 
 from . import tracking
+from .interrupts import SweepStopped, stop_requested
 from .sweep_space import make_trial
 from .tracking_writer import TrackingWriter, active_writer, metrics_op, ref_key, run_ref
 
@@ -132,12 +133,14 @@ class MLflowTrialLogger(tune.Callback):
 
     # --- Tune hooks ------------------------------------------------------------------------
     def on_step_begin(self, iteration, trials, **info):
+        _stop_if_requested()
         if not self._restored_checked:
             self._restored_checked = True
             self._close_restored(trials)
         self.writer.flush()
 
     def on_step_end(self, iteration, trials, **info):
+        _stop_if_requested()
         self.writer.flush()
 
     def on_trial_start(self, iteration, trials, trial, **info):
@@ -217,6 +220,14 @@ class MLflowTrialLogger(tune.Callback):
         except Exception:  # unknown: close it again (every write of the closing is idempotent)
             return None
         return run.info.status if run is not None else None
+
+
+def _stop_if_requested() -> None:
+    """A stop signal whose exception was lost in Ray's C++ code stops the sweep at the next step
+    (its runs are already closed: pipeline.interrupts)."""
+    signum = stop_requested()
+    if signum is not None:
+        raise SweepStopped(signum)
 
 
 def _is_number(value) -> bool:

@@ -14,7 +14,7 @@ from ray import tune
 from cpm_model.config import ExperimentConfig
 
 from . import sweep_identity, tracking
-from .interrupts import SweepStopped, stop_signals
+from .interrupts import SweepStopped, stop_requested, stop_signals
 from .mlflow_callback import MLflowTrialLogger
 from .node_versions import VersionMismatchError, check_cluster_versions
 from .cluster_capacity import cluster_capacity
@@ -220,9 +220,9 @@ def run_sweep(config: ExperimentConfig, trials: list[TrialSpec], resume: str | N
     with stop_signals(stop):
         try:
             results = tuner.fit()
-        except SweepStopped:
-            raise
         except BaseException as exc:
+            if stop_requested():  # its SweepStopped, or the KeyboardInterrupt Ray made of it
+                raise SweepStopped(stop_requested()) from exc
             _end_runs(writer, parent_ref, "FAILED", f"sweep driver failed: {type(exc).__name__}: {exc}")
             raise
 
