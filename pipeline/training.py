@@ -130,6 +130,22 @@ def compiled_for_training(model: torch.nn.Module, compile_model: bool) -> torch.
     return torch.compile(model) if compile_model else model
 
 
+def uses_sync_batch_norm(device_type: str, world_size: int, has_batch_norm: bool) -> bool:
+    """Whether BatchNorm takes its statistics over every worker's batch (SyncBatchNorm) rather than
+    each worker's own: for a model with BatchNorm on more than one GPU worker. torch's SyncBatchNorm
+    refuses CPU tensors, so CPU workers keep per-worker statistics."""
+    return has_batch_norm and world_size > 1 and device_type == "cuda"
+
+
+def with_sync_batch_norm(model: torch.nn.Module, device_type: str, world_size: int) -> torch.nn.Module:
+    """`model` with its BatchNorm layers turned into SyncBatchNorm when `uses_sync_batch_norm` says
+    so (in place; the same parameter and running-statistics tensors, the same state-dict keys)."""
+    has_batch_norm = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    if not uses_sync_batch_norm(device_type, world_size, has_batch_norm):
+        return model
+    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
 def set_trainable_stage(model, stage: int | None) -> None:
     """Phase setup: stage None trains everything; stage t trains only stage t's parameters (earlier
     stages frozen: no gradient, BatchNorm statistics fixed; later stages unused by the loss)."""
@@ -321,6 +337,7 @@ def train_worker(config: ExperimentConfig | dict, ctx: WorkerContext, progress: 
     model = build_model(config, len(joint_names))
     init_note = load_init_weights(model, t.init_weights) if t.init_weights else None
     model.to(device).to(memory_format=torch.channels_last)
+    model = with_sync_batch_norm(model, device.type, ctx.world_size)  # before DDP wraps it, once
     optimizer = make_optimizer(model, t)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, PhaseSchedule(phases, steps_per_epoch, t))
 
