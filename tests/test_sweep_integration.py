@@ -5,6 +5,7 @@ killed then resumed."""
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import subprocess
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import kill_processes_mentioning
 from mlflow import MlflowClient
+from services import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -217,3 +219,109 @@ def test_random_search_with_asha_gives_each_sample_its_own_run(tmp_path, ray_tmp
     for run in runs:
         assert f"lr={float(run.data.params['train.lr']):g}" in run.info.run_name
         assert run.info.status == "FINISHED" and epochs_logged(client, run.info.run_id)[0] == 1
+
+
+def test_a_diverging_trial_fails_naming_its_step_and_the_sweep_goes_on(tmp_path, ray_tmpdir):
+    # SGD at lr 1e6 on the synthetic figures: the loss is NaN within the first few steps.
+    diverging = "T=1 rf=45px is=on lr=1e+06 optimizer=sgd seed=0"
+    result = run_sweep(tmp_path, ray_tmpdir, "--set", "train.epochs=2", "--set",
+                       "sweep.variants=[{model.stages: 1}, {model.stages: 1, train.optimizer: sgd, train.lr: 1.0e+6}]")
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]  # some trials completed
+    client, runs = trial_runs(tmp_path)
+    by_status = {r.info.status: r for r in runs}
+    assert sorted(by_status) == ["FAILED", "FINISHED"], [(r.info.run_name, r.info.status) for r in runs]
+    failed, finished = by_status["FAILED"], by_status["FINISHED"]
+    assert failed.data.params["train.lr"] == "1000000.0" and failed.info.run_name == diverging
+    error = failed.data.tags["cpm.error"]
+    assert re.search(r"loss became (NaN|inf) at epoch 1, step \d+ ", error.splitlines()[0]), error[:500]
+    # Stopped in its first epoch: no NaN epoch reached MLflow, and Ray Train did not retry it.
+    assert epochs_logged(client, failed.info.run_id) == []
+    assert epochs_logged(client, finished.info.run_id) == [1, 2]
+    assert f"{diverging}: FAILED" in output
+
+
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def start_head(env: dict) -> tuple[str, str]:
+    """A one-node cluster on free ports (any other cluster on this machine keeps its own); returns
+    (GCS address, dashboard URL). Token authentication on, with the token in `env`."""
+    ports = {name: free_port() for name in ("port", "dashboard-port", "node-manager-port", "object-manager-port",
+                                            "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                            "runtime-env-agent-port", "metrics-export-port", "ray-client-server-port")}
+    command = [RAY, "start", "--head", "--num-cpus=2", "--disable-usage-stats", "--include-dashboard=true",
+               "--dashboard-host=127.0.0.1", *(f"--{name}={port}" for name, port in ports.items())]
+    subprocess.run(command, env=env, check=True, capture_output=True, timeout=180)
+    return f"127.0.0.1:{ports['port']}", f"http://127.0.0.1:{ports['dashboard-port']}"
+
+
+def test_ray_job_stop_marks_the_runs_killed_and_resume_finishes_them(tmp_path, ray_tmpdir):
+    """`ray job stop` sends SIGTERM and SIGKILLs 3 s later: the driver marks the sweep's run and the
+    running trials' runs KILLED in that time. `--resume` then finishes every trial in its run."""
+    import secrets
+
+    epochs = 30
+    env = dict(os.environ, RAY_TMPDIR=ray_tmpdir, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32),
+               PYTHONUNBUFFERED="1")
+    for name in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH"):
+        env.pop(name, None)
+    gcs, dashboard = start_head(env)
+    args = sweep_command(tmp_path, "--set", "sweep.grid={model.stages: [1, 2]}", "--set", f"train.epochs={epochs}",
+                         "--set", "train.max_steps_per_epoch=2")
+    job = [RAY, "job", "submit", "--address", dashboard, "--submission-id", "stop-me", "--no-wait", "--", *args]
+    for _ in range(30):  # the head's job agent starts a few seconds after `ray start` returns
+        submitted = subprocess.run(job, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        if "No available agent" not in submitted.stderr:
+            break
+        time.sleep(2)
+    assert submitted.returncode == 0, (submitted.stdout + submitted.stderr)[-3000:]
+    storage = tmp_path / "ray"
+
+    def job_logs() -> str:
+        return subprocess.run([RAY, "job", "logs", "--address", dashboard, "stop-me"], env=env, capture_output=True,
+                              text=True, timeout=60).stdout
+
+    last_status_check = [time.monotonic()]
+
+    def first_epoch_reported() -> bool:
+        if any(r.get("epoch") == 1 and "train_loss" in r for r in _result_rows(storage)):
+            return True
+        if time.monotonic() - last_status_check[0] > 20:  # the CLI is slow: ask now and then
+            last_status_check[0] = time.monotonic()
+            status = subprocess.run([RAY, "job", "status", "--address", dashboard, "stop-me"], env=env,
+                                    capture_output=True, text=True, timeout=60).stdout
+            if "FAILED" in status or "SUCCEEDED" in status:
+                pytest.fail(f"the job ended by itself:\n{status}\n{job_logs()[-3000:]}")
+        return False
+
+    _wait_for(first_epoch_reported, 600, "a trial's first epoch")
+    stopped = subprocess.run([RAY, "job", "stop", "--address", dashboard, "stop-me"], env=env, capture_output=True,
+                             text=True, timeout=120)
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    logs = job_logs()
+    assert "sweep stopped by SIGTERM: the sweep run and 2 open trial run(s) marked KILLED" in logs, logs[-3000:]
+
+    client, runs = trial_runs(tmp_path)
+    sweeps = client.search_runs([runs[0].info.experiment_id], filter_string="tags.`cpm.run_kind` = 'sweep'")
+    assert [s.info.status for s in sweeps] == ["KILLED"]
+    assert sweeps[0].data.tags["cpm.error"] == "sweep stopped by SIGTERM"
+    assert sorted(r.info.status for r in runs) == ["KILLED", "KILLED"]
+    logged_before = {r.info.run_id: epochs_logged(client, r.info.run_id) for r in runs}
+    assert any(logged_before.values()) and all(len(e) < epochs for e in logged_before.values())
+
+    # The driver's own `python pipeline/sweep.py --resume`, joining the same cluster.
+    resumed = subprocess.run(args + ["--resume"], cwd=tmp_path, env=dict(env, RAY_ADDRESS=gcs), capture_output=True,
+                             text=True, timeout=600)
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]
+    client, runs = trial_runs(tmp_path)
+    assert sorted(r.info.run_name for r in runs) == ["T=1 rf=45px is=on seed=0", "T=2 rf=109px is=on seed=0"]
+    assert {r.info.run_id for r in runs} == set(logged_before)  # the same runs, none added
+    for run in runs:
+        assert run.info.status == "FINISHED" and "cpm.error" not in run.data.tags, run.data.tags
+        for key in ("pck", "train_loss"):
+            steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, key))
+            assert steps == list(range(1, epochs + 1)), f"{run.info.run_name} {key}: {steps}"
+        assert len(client.get_metric_history(run.info.run_id, "test_pck")) == 1
+    sweeps = client.search_runs([runs[0].info.experiment_id], filter_string="tags.`cpm.run_kind` = 'sweep'")
+    assert [s.info.status for s in sweeps] == ["FINISHED"] and "cpm.error" not in sweeps[0].data.tags
