@@ -28,7 +28,7 @@ from cpm_model.heatmaps import decode_belief_maps
 from pipeline.checkpoint import copy_durably
 from pipeline.context import CHECKPOINT_FILE, LocalContext
 from pipeline.evaluate import is_input_error, predict_belief_maps
-from pipeline.training import open_caches, train_worker
+from pipeline.training import TrainingDivergedError, open_caches, train_worker
 
 
 def make_figures(model, val_cache, config, out_dir: Path, history: list[dict], count: int = 8,
@@ -91,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         result = train_worker(config, ctx, progress=not args.quiet)
+    except TrainingDivergedError as exc:  # not bad input, and no traceback would say more
+        print(f"error: {exc}; the checkpoints in {out} hold the epochs before it", file=sys.stderr)
+        return 1
     except Exception as exc:  # noqa: BLE001 - bad input becomes one line and exit status 2
         if is_input_error(exc):
             print(f"error: {exc}", file=sys.stderr)

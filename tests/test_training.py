@@ -197,3 +197,16 @@ def test_three_stages_beat_one_stage_on_synthetic(cache_dir, tmp_path):
           f"1 stage: {last1['pck']:.3f}")
     assert last3["pck"] > last1["pck"] + 0.05
     assert last3["pck_stage3"] > last3["pck_stage1"] + 0.05
+
+
+def test_fit_stops_a_diverging_run_with_one_line_naming_epoch_and_step(cache_dir, tmp_path, capsys):
+    from pipeline import fit
+
+    overrides = TINY + [f"data.cache_dir={cache_dir}", "train.optimizer=sgd", "train.lr=1e6", "train.epochs=1"]
+    args = ["--out", str(tmp_path / "out"), "--quiet", "--no-figures"]
+    for override in overrides:
+        args += ["--set", override]
+    assert fit.main(args) == 1
+    error = capsys.readouterr().err
+    assert "loss became NaN at epoch 1, step " in error and "Traceback" not in error
+    assert not (tmp_path / "out" / "summary.json").exists()
