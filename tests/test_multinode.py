@@ -44,11 +44,15 @@ def token_env(ray_tmpdir: str, token: str) -> dict:
 def start_nodes(env: dict, second_node_env: dict, dashboard_port: int | None = None,
                 second_node_manager_port: int | None = None) -> str:
     port = free_port()
-    head = ["ray", "start", "--head", f"--port={port}", "--num-cpus=1", "--disable-usage-stats"]
+    # Each node's dashboard agent on its own port: two nodes of one machine would race for the
+    # default one, and the job server needs the head's.
+    head = ["ray", "start", "--head", f"--port={port}", "--num-cpus=1", "--disable-usage-stats",
+            f"--dashboard-agent-listen-port={free_port()}"]
     head += ([f"--dashboard-port={dashboard_port}", "--include-dashboard=true"] if dashboard_port
              else ["--include-dashboard=false"])
     subprocess.run(head, env=env, check=True, capture_output=True, timeout=120)
-    second = ["ray", "start", f"--address=127.0.0.1:{port}", "--num-cpus=1", "--disable-usage-stats"]
+    second = ["ray", "start", f"--address=127.0.0.1:{port}", "--num-cpus=1", "--disable-usage-stats",
+              f"--dashboard-agent-listen-port={free_port()}"]
     if second_node_manager_port:
         second.append(f"--node-manager-port={second_node_manager_port}")
     subprocess.run(second, env=second_node_env, check=True, capture_output=True, timeout=120)
