@@ -119,7 +119,9 @@ while True:
                    for pg in placement_group_table().values()
                    if any(b.get("GPU", 0) for b in pg["bundles"].values())]
     placed = {node for pg in gpu_bundles for node in pg["nodes"].values()}
-    if (len(gpu_nodes) >= want and all(n["id"] in placed for n in gpu_nodes)) or time.time() > deadline:
+    # The autoscaler's report names a new node's type a moment after the node joins.
+    settled = all(n["id"] in placed and n["node_type"] for n in gpu_nodes)
+    if (len(gpu_nodes) >= want and settled) or time.time() > deadline:
         break
     time.sleep(1)
 print("PROBE " + json.dumps({"gpu_nodes": gpu_nodes, "gpu_bundles": gpu_bundles,
