@@ -51,7 +51,7 @@ from pipeline.evaluate import use_bf16  # noqa: E402
 # OMP_NUM_THREADS to the worker's CPUs). Two OpenMP threads on a loaded 2-core machine stall at
 # every barrier (measured 2-10x slower and erratic), so one thread is also the fair setting here.
 REFERENCE_PRESET = "configs/default.yaml"
-# The paper's Fig. 2 network at its own size (the DESIGN.md anchors).
+# The paper's Fig. 2 network at its own size (the size of the H100 reference figures: 368 px, batch 32).
 PAPER_OVERRIDES = ["preprocess.input_size=368", "model.stages=6", "train.batch_size=32", "train.optimizer=sgd",
                    "train.lr=8e-5", "train.loss_reduction=sum", "data.spec=synthetic:1600"]
 LSPET = REPO.parent / "shared" / "data" / "lspet"
