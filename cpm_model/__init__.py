@@ -2,6 +2,7 @@
 
 from .loss import belief_map_loss
 from .metrics import (
+    PCKCounts,
     auc,
     auc_from_curve,
     decode_predictions,
@@ -32,6 +33,7 @@ __all__ = [
     "receptive_field_px",
     "receptive_field_table",
     "effective_receptive_field_px",
+    "PCKCounts",
     "pck",
     "pck_counts",
     "pck_from_counts",

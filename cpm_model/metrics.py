@@ -9,7 +9,8 @@ Pure NumPy, after MMPose's `keypoint_pck_accuracy` / `keypoint_auc`, with these 
 - the mean is the average of the per-joint PCKs over joints with data (nanmean), as in the LSP
   tables -- not the fraction of all scored joint instances, which weights frequent joints more;
 - a NaN prediction counts as wrong.
-Work in counts (`pck_counts`, `pck_curve_counts`) to combine evaluation shards exactly.
+Work in counts (`pck_counts`, `pck_curve_counts`, or `PCKCounts` per stage) to combine evaluation
+shards exactly.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ import numpy as np
 from .geometry import apply_affine
 from .heatmaps import STRIDE, decode_belief_maps
 
-# PCK curve for the AUC: alpha = 0, 0.01, ..., 0.5 (51 points), integrated with the trapezoid rule.
-DEFAULT_ALPHAS = np.linspace(0.0, 0.5, 51)
+# PCK curve for the AUC: alpha = 0, 0.01, ..., 0.5 (51 points, exactly the decimals k / 100),
+# integrated with the trapezoid rule.
+PCK_CURVE_ALPHAS = np.round(np.linspace(0.0, 0.5, 51), 4)
 
 
 def _scored(pred, gt, visible, norm) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -70,7 +72,7 @@ def pckh(pred, gt, visible, head_size, alpha: float = 0.5) -> tuple[np.ndarray, 
     return pck(pred, gt, visible, head_size, alpha)
 
 
-def pck_curve_counts(pred, gt, visible, norm, alphas=DEFAULT_ALPHAS) -> tuple[np.ndarray, np.ndarray]:
+def pck_curve_counts(pred, gt, visible, norm, alphas=PCK_CURVE_ALPHAS) -> tuple[np.ndarray, np.ndarray]:
     """(correct (A, P), total (P,)) counts for every alpha, to sum across evaluation shards."""
     distances, scored, norm = _scored(pred, gt, visible, norm)
     alphas = np.asarray(alphas, dtype=np.float64)
@@ -86,7 +88,7 @@ def pck_curve_from_counts(correct, total) -> tuple[np.ndarray, np.ndarray]:
     return np.stack([r[0] for r in rows]), np.array([r[1] for r in rows])
 
 
-def pck_curve(pred, gt, visible, norm, alphas=DEFAULT_ALPHAS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def pck_curve(pred, gt, visible, norm, alphas=PCK_CURVE_ALPHAS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(alphas (A,), per-joint PCK (A, P), mean PCK (A,)) for each alpha (default 0..0.5 step 0.01)."""
     per_joint, mean = pck_curve_from_counts(*pck_curve_counts(pred, gt, visible, norm, alphas))
     return np.asarray(alphas, dtype=np.float64), per_joint, mean
@@ -103,13 +105,101 @@ def auc_from_curve(alphas, mean_pck) -> float:
     return area / float(alphas[-1] - alphas[0])
 
 
-def auc(pred, gt, visible, norm, alphas=DEFAULT_ALPHAS) -> float:
+def auc(pred, gt, visible, norm, alphas=PCK_CURVE_ALPHAS) -> float:
     """Area under the mean-PCK curve over alphas (default 0..0.5 step 0.01, trapezoid), in [0, 1].
 
     (MMPose's keypoint_auc uses a left rectangle rule on 20 thresholds instead.)
     """
     alphas, _, mean = pck_curve(pred, gt, visible, norm, alphas)
     return auc_from_curve(alphas, mean)
+
+
+class PCKCounts:
+    """Correct / total counts per stage, threshold and joint; summed over batches, shards and ranks.
+
+    Packed into one flat float64 array (`to_array` / `from_array`) for an all-reduce sum.
+    """
+
+    def __init__(self, num_stages: int, num_parts: int, alphas: np.ndarray = PCK_CURVE_ALPHAS):
+        self.alphas = np.asarray(alphas, dtype=np.float64)
+        self.correct = np.zeros((num_stages, len(self.alphas), num_parts))
+        self.total = np.zeros((num_stages, len(self.alphas), num_parts))
+        self.num_samples = 0
+        self.num_without_norm = 0
+
+    def add(self, predictions: np.ndarray, joints_original: np.ndarray, norm: np.ndarray) -> None:
+        """predictions (N, T, P, 2) original pixels; joints_original (N, P, 3); norm (N,) (NaN = none)."""
+        predictions = np.asarray(predictions, dtype=np.float64)
+        joints_original = np.asarray(joints_original, dtype=np.float64)
+        norm = np.asarray(norm, dtype=np.float64)
+        has_norm = np.isfinite(norm) & (norm > 0)
+        self.num_samples += len(norm)
+        self.num_without_norm += int((~has_norm).sum())
+        if not has_norm.any():
+            return
+        gt = joints_original[has_norm, :, :2]
+        visible = joints_original[has_norm, :, 2] > 0
+        for t in range(predictions.shape[1]):
+            correct, total = pck_curve_counts(predictions[has_norm, t], gt, visible, norm[has_norm], self.alphas)
+            self.correct[t] += correct
+            self.total[t] += total[None, :]
+
+    def __add__(self, other: "PCKCounts") -> "PCKCounts":
+        """New counts: the sum of both (same stages, parts and thresholds, else ValueError)."""
+        if not isinstance(other, PCKCounts):
+            return NotImplemented
+        if self.correct.shape != other.correct.shape:
+            raise ValueError(f"cannot add PCK counts of shape (stages, alphas, parts) {self.correct.shape} "
+                             f"and {other.correct.shape}")
+        if not np.array_equal(self.alphas, other.alphas):
+            raise ValueError("cannot add PCK counts over different alpha thresholds")
+        out = PCKCounts(self.correct.shape[0], self.correct.shape[2], self.alphas)
+        return out.from_array(self.to_array() + other.to_array())
+
+    def to_array(self) -> np.ndarray:
+        return np.concatenate([self.correct.ravel(), self.total.ravel(),
+                               [self.num_samples, self.num_without_norm]])
+
+    def from_array(self, values: np.ndarray) -> "PCKCounts":
+        values = np.asarray(values, dtype=np.float64)
+        n = self.correct.size
+        self.correct = values[:n].reshape(self.correct.shape)
+        self.total = values[n:2 * n].reshape(self.total.shape)
+        self.num_samples = int(round(values[2 * n]))
+        self.num_without_norm = int(round(values[2 * n + 1]))
+        return self
+
+    def reduced(self, all_reduce_sum) -> "PCKCounts":
+        """These counts summed over ranks (every rank must call this)."""
+        out = PCKCounts(self.correct.shape[0], self.correct.shape[2], self.alphas)
+        return out.from_array(all_reduce_sum(self.to_array()))
+
+    def _alpha_index(self, alpha: float) -> int:
+        index = int(np.argmin(np.abs(self.alphas - alpha)))
+        if abs(self.alphas[index] - alpha) > 1e-9:
+            raise ValueError(f"alpha {alpha} is not among the counted thresholds")
+        return index
+
+    def per_joint(self, stage: int, alpha: float) -> np.ndarray:
+        """PCK per joint (P,) of stage `stage` (0-based; -1 = last); NaN for a joint never scored."""
+        a = self._alpha_index(alpha)
+        return pck_from_counts(self.correct[stage, a], self.total[stage, a])[0]
+
+    def mean(self, stage: int, alpha: float) -> float:
+        """Mean over joints of the per-joint PCK (the LSP tables' mean), NaN when nothing was scored."""
+        a = self._alpha_index(alpha)
+        return float(pck_from_counts(self.correct[stage, a], self.total[stage, a])[1])
+
+    def curve(self, stage: int = -1) -> np.ndarray:
+        """Mean PCK at every counted alpha."""
+        return pck_curve_from_counts(self.correct[stage], self.total[stage, 0])[1]
+
+    def auc(self, stage: int = -1) -> float:
+        """Area under the mean PCK curve over alpha in [0, 0.5], normalised to [0, 1]."""
+        curve = self.curve(stage)
+        if np.isnan(curve).all():
+            return float("nan")
+        return float(auc_from_curve(self.alphas, curve))
 
 
 def decode_predictions(belief_maps, affine_crop_to_original, num_parts: int | None = None,
@@ -135,7 +225,8 @@ def decode_predictions(belief_maps, affine_crop_to_original, num_parts: int | No
 
 
 __all__ = [
-    "DEFAULT_ALPHAS",
+    "PCK_CURVE_ALPHAS",
+    "PCKCounts",
     "pck",
     "pck_counts",
     "pck_from_counts",

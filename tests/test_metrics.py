@@ -20,6 +20,7 @@ from cpm_model import (
 )
 from cpm_model.geometry import apply_affine, crop_affine, invert_affine
 from cpm_model.heatmaps import render_belief_maps
+from cpm_model.metrics import PCK_CURVE_ALPHAS, PCKCounts
 
 
 def _offsets(errors_px: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -158,3 +159,64 @@ def test_decode_predictions_maps_back_to_the_original_image():
     np.testing.assert_allclose(from_tensor, originals, atol=1e-3)
     with pytest.raises(ValueError):
         decode_predictions(maps, to_original[:1])
+
+
+def _joints(xy: np.ndarray, visible: np.ndarray) -> np.ndarray:
+    """(N, P, 3) annotation: x, y and flag 1 where visible."""
+    return np.concatenate([np.asarray(xy, dtype=np.float64), np.asarray(visible, dtype=np.float64)[..., None]],
+                          axis=-1)
+
+
+def test_pck_counts_of_hand_made_predictions():
+    # 3 samples x 2 joints, ground truth at the origin, norm 10 (sample 2: no norm), 2 stages.
+    errors = np.array([[[1.0, 3.0], [2.0, 0.0], [9.0, 9.0]],     # stage 1: errors (N, P) along x
+                       [[0.0, 1.0], [4.0, 0.0], [0.0, 0.0]]])    # stage 2
+    predictions = np.zeros((3, 2, 2, 2))
+    predictions[..., 0] = errors.transpose(1, 0, 2)  # (N, T, P)
+    gt = _joints(np.zeros((3, 2, 2)), [[True, True], [True, False], [True, True]])
+    counts = PCKCounts(num_stages=2, num_parts=2)
+    counts.add(predictions, gt, np.array([10.0, 10.0, np.nan]))
+    assert counts.num_samples == 3 and counts.num_without_norm == 1
+    # alpha 0.2 -> within 2 px. Stage 1: joint 0 has errors 1, 2 (both correct), joint 1 only 3 (wrong).
+    np.testing.assert_array_equal(counts.per_joint(0, 0.2), [1.0, 0.0])
+    assert counts.mean(0, 0.2) == 0.5
+    # Stage 2 (also stage -1): joint 0 errors 0, 4 -> 1 of 2; joint 1 error 1 -> correct.
+    np.testing.assert_array_equal(counts.per_joint(-1, 0.2), [0.5, 1.0])
+    assert counts.mean(1, 0.2) == 0.75
+    # alpha 0.1 -> within 1 px: stage 1 joint 0 has only the error 1, joint 1 nothing.
+    assert counts.mean(0, 0.1) == 0.25
+    assert counts.curve(0).shape == (51,) and counts.curve(0)[0] == 0.0  # no error is 0 in stage 1
+    np.testing.assert_array_equal(counts.alphas, [k / 100 for k in range(51)])
+    with pytest.raises(ValueError, match="alpha 0.123"):
+        counts.mean(0, 0.123)
+
+
+def test_pck_counts_sum_equals_counts_of_the_concatenated_batches():
+    rng = np.random.default_rng(2)
+    predictions = rng.normal(scale=15, size=(40, 3, 14, 2))
+    gt = _joints(rng.normal(scale=15, size=(40, 14, 2)), rng.random((40, 14)) > 0.3)
+    norm = rng.uniform(10, 50, size=40)
+    norm[[5, 33]] = [np.nan, 0.0]
+    whole, first, second = PCKCounts(3, 14), PCKCounts(3, 14), PCKCounts(3, 14)
+    whole.add(predictions, gt, norm)
+    first.add(predictions[:25], gt[:25], norm[:25])
+    second.add(predictions[25:], gt[25:], norm[25:])
+    summed = first + second
+    np.testing.assert_array_equal(summed.to_array(), whole.to_array())
+    assert summed.num_samples == 40 and summed.num_without_norm == 2
+    assert summed.mean(-1, 0.2) == whole.mean(-1, 0.2) and summed.auc(1) == whole.auc(1)
+    assert first.num_samples == 25  # the operands are left as they were
+    # the all-reduce path gives the same sum
+    reduced = first.reduced(lambda values: values + second.to_array())
+    np.testing.assert_array_equal(reduced.to_array(), whole.to_array())
+
+
+def test_adding_mismatched_pck_counts_raises():
+    with pytest.raises(ValueError, match="shape"):
+        PCKCounts(2, 14) + PCKCounts(2, 16)
+    with pytest.raises(ValueError, match="shape"):
+        PCKCounts(1, 14) + PCKCounts(2, 14)
+    with pytest.raises(ValueError, match="alpha"):
+        PCKCounts(1, 14) + PCKCounts(1, 14, alphas=PCK_CURVE_ALPHAS + 0.001)
+    with pytest.raises(TypeError):
+        PCKCounts(1, 14) + 1
