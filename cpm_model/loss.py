@@ -10,9 +10,8 @@ REDUCTIONS = ("sum", "mean")
 
 
 def belief_map_loss(pred: torch.Tensor, target: torch.Tensor, part_mask: torch.Tensor,
-                    intermediate_supervision: bool = True, reduction: str = "mean"
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Squared error between every stage's beliefs and the ideal maps.
+                    reduction: str = "mean") -> torch.Tensor:
+    """Each stage's squared error between its beliefs and the ideal maps: a (T,) tensor.
 
     pred (B, T, P+1, h, w); target (B, P+1, h, w); part_mask (B, P), true/nonzero where the part is
     annotated. Unannotated parts' maps are left out of the loss; the background map always counts.
@@ -21,8 +20,9 @@ def belief_map_loss(pred: torch.Tensor, target: torch.Tensor, part_mask: torch.T
       "mean": S_t / (number of valid map pixels, h * w * sum of valid maps)  -- MMPose-like MSE.
     So sum / mean = (valid maps per sample) * h * w / 2, e.g. 15 * 46 * 46 / 2 = 15870 when all
     14 parts are annotated at 368 px: the "sum" gradients are that much larger.
-    Returns (total, per_stage): total = sum over stages (intermediate supervision) or the last
-    stage's term only; per_stage (T,) is detached, for logging. Computed in fp32 under autocast.
+    Returns the (T,) per-stage terms with their gradient, fp32 even under autocast; the caller
+    picks the objective: `.sum()` (intermediate supervision), `[-1]` (last stage only) or
+    `[t - 1]` (stage-wise training of stage t), and logs `.detach()`.
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {list(REDUCTIONS)}, got {reduction!r}")
@@ -48,8 +48,7 @@ def belief_map_loss(pred: torch.Tensor, target: torch.Tensor, part_mask: torch.T
         else:
             pixels_per_map = pred.shape[-2] * pred.shape[-1]
             per_stage = per_stage / (map_weight.sum() * pixels_per_map)
-        total = per_stage.sum() if intermediate_supervision else per_stage[-1]
-    return total, per_stage.detach()
+    return per_stage
 
 
 __all__ = ["belief_map_loss", "REDUCTIONS"]

@@ -253,7 +253,7 @@ def test_channels_last_and_bf16_autocast():
     images = torch.rand(2, 3, 64, 64).to(memory_format=torch.channels_last)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         beliefs = model(images)
-        loss, per_stage = belief_map_loss(beliefs, torch.rand(2, 15, 8, 8), torch.ones(2, 14, dtype=torch.bool))
+        loss = belief_map_loss(beliefs, torch.rand(2, 15, 8, 8), torch.ones(2, 14, dtype=torch.bool)).sum()
     assert beliefs.dtype == torch.bfloat16 and beliefs.shape == (2, 2, 15, 8, 8)
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     loss.backward()
