@@ -2,9 +2,28 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
+
+
+def flip_permutation(num_parts: int, flip_pairs: Iterable[tuple[int, int]]) -> list[int]:
+    """Part order after a horizontal mirror: flipped_joints = joints[p] once x is mirrored.
+
+    Each (a, b) pair swaps places (left <-> right); parts in no pair stay where they are.
+    """
+    pairs = [(int(a), int(b)) for a, b in flip_pairs]
+    permutation = list(range(num_parts))
+    seen: set[int] = set()
+    for a, b in pairs:
+        for part in (a, b):
+            if not 0 <= part < num_parts or part in seen:
+                raise ValueError(f"flip pairs {pairs} must name each of the {num_parts} parts "
+                                 f"at most once; part {part} is out of range or repeated")
+            seen.add(part)
+        permutation[a], permutation[b] = b, a
+    return permutation
 
 
 @dataclass(frozen=True)
@@ -22,10 +41,7 @@ class JointSet:
 
     def flip_permutation(self) -> np.ndarray:
         """Index array p such that flipped_joints = joints[p] after mirroring x."""
-        perm = np.arange(self.num_parts)
-        for a, b in self.flip_pairs:
-            perm[a], perm[b] = b, a
-        return perm
+        return np.array(flip_permutation(self.num_parts, self.flip_pairs))
 
 
 LSP = JointSet(

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from cpm_model.augment import (AugmentParams, AugmentSettings, affine_sampling_grid, augment_batch,
                                augmentation_affines, random_augment, sample_params, scale_about_centre_affines, warp)
 from cpm_model.heatmaps import decode_belief_maps, render_belief_maps_torch
-from cpm_model.joints import LSP
+from cpm_model.joints import LSP, MPII, flip_permutation
 
 S = 64
 SIGMA = 1.0
@@ -125,3 +126,21 @@ def test_sampling_grid_matches_torch_affine_grid():
         expected = torch.nn.functional.affine_grid(theta, [5, 3, size, size], align_corners=False)
         # The same sample positions to float32 rounding (values up to ~3 in normalised units).
         torch.testing.assert_close(affine_sampling_grid(theta, size), expected, rtol=0, atol=1e-6)
+
+
+def test_flip_permutation_swaps_each_pair_and_keeps_the_rest():
+    assert flip_permutation(5, [(0, 4), (1, 3)]) == [4, 3, 2, 1, 0]
+    assert flip_permutation(3, []) == [0, 1, 2]
+    # LSP: right/left ankle, knee, hip, wrist, elbow, shoulder swap; neck (12) and head top (13) stay
+    assert LSP.flip_permutation().tolist() == [5, 4, 3, 2, 1, 0, 11, 10, 9, 8, 7, 6, 12, 13]
+    assert MPII.flip_permutation().tolist() == [5, 4, 3, 2, 1, 0, 6, 7, 8, 9, 15, 14, 13, 12, 11, 10]
+    for joint_set in (LSP, MPII):
+        perm = joint_set.flip_permutation()
+        assert (perm[perm] == np.arange(joint_set.num_parts)).all()  # mirroring twice is the identity
+        mirrored = [name.replace("left", "#").replace("right", "left").replace("#", "right")
+                    for name in joint_set.names]
+        assert [joint_set.names[i] for i in perm] == mirrored  # each part takes its mirror's place
+    with pytest.raises(ValueError, match="part 5"):
+        flip_permutation(5, [(0, 5)])
+    with pytest.raises(ValueError, match="part 1"):
+        flip_permutation(5, [(0, 1), (1, 2)])
