@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .heatmaps import STRIDE, render_belief_maps_torch
+from .geometry import STRIDE
+from .heatmaps import render_belief_maps_torch
 
 
 @dataclass(frozen=True)

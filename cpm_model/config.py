@@ -17,6 +17,8 @@ from typing import Any, get_type_hints
 
 import yaml
 
+from .geometry import STRIDE
+
 
 class ConfigError(ValueError):
     """A config file or override that names an unknown key or holds a bad value."""
@@ -35,7 +37,7 @@ class DataConfig:
 
 @dataclass
 class PreprocessConfig:
-    input_size: int = 368  # crop side in pixels, the network input; belief maps are input_size / 8
+    input_size: int = 368  # crop side in pixels, the network input; belief maps are input_size / STRIDE
     sigma: float = 1.0  # ideal belief-map Gaussian, in heatmap cells
     # How training crops are chosen: "bbox" (joints' bounding box, the design's default) or "image"
     # (the evaluation protocol: image centre and size). Evaluation crops never use ground truth.
@@ -292,7 +294,8 @@ def validate(config: ExperimentConfig) -> None:
          "an odd integer >= 1 (or null for the backbone's default)"),
         ("model.later_convs", m.later_convs is None or m.later_convs >= 1, "an integer >= 1 (or null)"),
         ("model.center_sigma", m.center_sigma > 0, "a positive number of pixels"),
-        ("preprocess.input_size", p.input_size >= 32 and p.input_size % 8 == 0, "a multiple of 8, at least 32"),
+        ("preprocess.input_size", p.input_size >= 32 and p.input_size % STRIDE == 0,
+         f"a multiple of {STRIDE}, at least 32"),
         ("preprocess.sigma", p.sigma > 0, "a positive number of heatmap cells"),
         ("preprocess.crop_context", p.crop_context >= 1.0, "a number >= 1"),
         ("preprocess.workers", p.workers >= 0, "an integer >= 0"),

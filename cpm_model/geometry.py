@@ -3,8 +3,9 @@
 Coordinate convention (used everywhere in this project):
 - A point (x, y) is in continuous pixel coordinates whose integer values are pixel CENTRES:
   pixel column k covers [k - 0.5, k + 0.5). This is OpenCV's convention for warpAffine.
-- Belief maps have a stride s (8 for the CPM). Heatmap cell i covers input pixels
-  s*i .. s*i + s - 1, so its centre is at input coordinate s*i + (s - 1) / 2 (8i + 3.5 for s = 8).
+- Belief maps have a stride s (STRIDE = 8 for the CPM: three stride-2 poolings). Heatmap cell i
+  covers input pixels s*i .. s*i + s - 1, so its centre is at input coordinate s*i + (s - 1) / 2
+  (8i + 3.5 for s = 8).
   `input_to_heatmap` / `heatmap_to_input` convert between the two.
 - Affines are 2x3 float64 matrices A acting on column vectors [x, y, 1]^T. `crop_affine` maps
   ORIGINAL image coordinates to CROP coordinates; the cache stores its inverse (crop -> original).
@@ -15,6 +16,8 @@ belief map's columns is exactly the same flip (cell i's centre 8i + 3.5 goes to 
 from __future__ import annotations
 
 import numpy as np
+
+STRIDE = 8  # input pixels per belief-map cell along each axis
 
 
 def input_to_heatmap(coords: np.ndarray, stride: int) -> np.ndarray:

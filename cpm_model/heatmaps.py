@@ -12,9 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .geometry import heatmap_to_input, input_to_heatmap
-
-STRIDE = 8
+from .geometry import STRIDE, heatmap_to_input, input_to_heatmap
 
 
 def render_belief_maps(joints: np.ndarray, map_size: int, sigma: float, stride: int = STRIDE) -> np.ndarray:

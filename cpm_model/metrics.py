@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .geometry import apply_affine
-from .heatmaps import STRIDE, decode_belief_maps
+from .geometry import STRIDE, apply_affine
+from .heatmaps import decode_belief_maps
 
 # PCK curve for the AUC: alpha = 0, 0.01, ..., 0.5 (51 points, exactly the decimals k / 100),
 # integrated with the trapezoid rule.

@@ -46,9 +46,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .geometry import STRIDE
 from .receptive_field import BACKBONES, Layer, LayerSpec, later_layout, narrow_trunk_kernel
 
-STRIDE = 8
 # torchvision vgg19 `features` indices of conv1_1 .. conv4_2 and the channels they output.
 VGG19_CONV_INDICES = (0, 2, 5, 7, 10, 12, 14, 16, 19, 21)
 VGG19_CONV_CHANNELS = (64, 64, 128, 128, 256, 256, 256, 256, 512, 512)

@@ -40,6 +40,8 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import nn
 
+from .geometry import STRIDE
+
 Layer = tuple[int, int]  # (kernel, stride), square kernels
 
 PAPER_LATER_LAYOUT = (11, 3)  # three conv11x11 per stage >= 2 (paper Fig. 2)
@@ -201,7 +203,7 @@ def effective_receptive_field_px(model: nn.Module, stage: int, input_size: int |
         raise ValueError(f"stage must be in 1..{model.stages}, got {stage}")
     if input_size is None:
         analytic = receptive_field_px(model)[stage - 1]
-        input_size = 8 * math.ceil((analytic + 16) / 8)
+        input_size = STRIDE * math.ceil((analytic + 16) / STRIDE)  # the network takes multiples of it
     probe = copy.deepcopy(model).to(dtype=torch.float64, device="cpu").eval()
     for name, module in list(probe.named_modules()):
         if isinstance(module, nn.MaxPool2d):

@@ -32,8 +32,8 @@ import numpy as np
 from tqdm import tqdm
 
 from cpm_model.config import PreprocessConfig
-from cpm_model.geometry import apply_affine, invert_affine
-from cpm_model.heatmaps import STRIDE, render_belief_maps
+from cpm_model.geometry import STRIDE, apply_affine, invert_affine
+from cpm_model.heatmaps import render_belief_maps
 from cpm_model.joints import torso_size
 
 from . import crops

@@ -1,7 +1,7 @@
 """The HDF5 cache format: file naming, the writer, and the lazy reader `PoseCache`.
 
 One file per (dataset identity, split, content settings, format version). Datasets, N samples,
-P parts, S = input_size, M = S / 8:
+P parts, S = input_size, M = S / STRIDE (8):
 
     images           uint8    (N, S, S, 3)    RGB crops
     belief_maps      float16  (N, P+1, M, M)  ideal belief maps (background last)
@@ -50,6 +50,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from cpm_model.geometry import STRIDE
+
 from .datasets.base import DatasetError
 
 FORMAT_VERSION = 1
@@ -70,7 +72,7 @@ TMP_MARKER = ".tmp-"  # temp files: ".<name>.tmp-<pid>-<random>", never ending i
 # name -> (dtype, per-sample shape as a function of (num_parts, input_size), compression)
 LAYOUT = {
     "images": (np.uint8, lambda p, s: (s, s, 3), None),
-    "belief_maps": (np.float16, lambda p, s: (p + 1, s // 8, s // 8), "lzf"),
+    "belief_maps": (np.float16, lambda p, s: (p + 1, s // STRIDE, s // STRIDE), "lzf"),
     "joints": (np.float32, lambda p, s: (p, 3), None),
     "joints_original": (np.float32, lambda p, s: (p, 3), None),
     "affine": (np.float64, lambda p, s: (2, 3), None),
