@@ -43,7 +43,7 @@ sys.path.insert(0, str(BENCH))
 
 import speed  # noqa: E402
 from cpm_model.config import load_config  # noqa: E402
-from pipeline.evaluate import use_bf16  # noqa: E402
+from pipeline.train.inference import use_bf16  # noqa: E402
 
 # The CPU reference config: the default preset's network (3 stages, width 0.25, 64 px, batch 16) on
 # its synthetic data, with its own precision choice (auto = bf16 autocast on a CPU), channels_last,
@@ -162,8 +162,8 @@ def part_paper(figures, args, tmp: Path) -> None:
 def part_read(figures, args, tmp: Path) -> None:
     from bench_preprocessing import random_batches
     from cpm_model.config import PreprocessConfig
-    from pipeline.data import _to_tensors, to_device
-    from pipeline.training import flip_permutation_of, training_augmenter
+    from cpm_model.joints import flip_permutation
+    from pipeline.train.batches import _to_tensors, to_device, training_augmenter
     from preprocessing.build import build_cache, preprocess_sample
     from preprocessing.cache import PoseCache
     from preprocessing.spec import parse_data_spec
@@ -173,7 +173,7 @@ def part_read(figures, args, tmp: Path) -> None:
                        max_samples=1000)
     cache, dataset = PoseCache(path), parse_data_spec(spec)
     config = load_config(str(REPO / "configs" / "lspet_cpu.yaml"), [f"preprocess.input_size={size}"])
-    prepare = training_augmenter(config, torch.Generator().manual_seed(0), flip_permutation_of(cache))
+    prepare = training_augmenter(config, torch.Generator().manual_seed(0), flip_permutation(len(cache.joint_names), cache.flip_pairs))
     plan = random_batches(len(cache), 4 if args.quick else 20, seed=2)
     start = time.perf_counter()
     for indices in plan:

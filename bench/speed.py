@@ -30,10 +30,11 @@ sys.path.insert(0, str(REPO))
 
 from cpm_model.config import ExperimentConfig, load_config  # noqa: E402
 from cpm_model.loss import belief_map_loss  # noqa: E402
-from pipeline.data import train_batches  # noqa: E402
-from pipeline.evaluate import autocast, build_model  # noqa: E402
-from pipeline.training import (PhaseSchedule, compiled_for_training, derived_seed, epoch_batches,  # noqa: E402
-                               flip_permutation_of, make_optimizer, train_one_epoch, training_phases)
+from cpm_model.joints import flip_permutation as flip_permutation_of  # noqa: E402
+from pipeline.train.batches import derived_seed, epoch_batches, train_batches  # noqa: E402
+from pipeline.train.inference import autocast, build_model  # noqa: E402
+from pipeline.train.loop import compiled_for_training, train_one_epoch  # noqa: E402
+from pipeline.train.schedule import PhaseSchedule, make_optimizer, training_phases  # noqa: E402
 
 NUM_PARTS = 14  # LSP / LSPET / synthetic joint sets
 
@@ -93,7 +94,8 @@ def model_step(model, optimizer, scheduler, images, targets, joints, config: Exp
     part_mask = joints[..., 2] > 0
     with autocast(t.precision, device):
         pred = model(images.contiguous(memory_format=torch.channels_last) if channels_last else images)
-    loss, _ = belief_map_loss(pred, targets, part_mask, t.intermediate_supervision, t.loss_reduction)
+    per_stage = belief_map_loss(pred, targets, part_mask, t.loss_reduction)
+    loss = per_stage.sum() if t.intermediate_supervision else per_stage[-1]
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -122,22 +124,19 @@ def time_pipeline(config: ExperimentConfig, cache, device: torch.device, setup: 
     """images/s of the worker loop's own epoch (epoch_batches + train_one_epoch: cache reads,
     augmentation, target rendering, model, loss, optimizer, scheduler) over `steps` batches, after
     a warm-up pass of `warmup` batches; the same setup as time_model_alone.
-    augment_in_loader=False: augmentation in the training step, as the loop did before."""
+    augment_in_loader=False: augmentation in the consuming thread (what an accelerator device does)."""
     config = config_with(config, setup)
     _, step_model, optimizer, scheduler = state or build_training_state(config, device, setup, steps + warmup)
-    flip_permutation = flip_permutation_of(cache)
+    flip_permutation = flip_permutation_of(len(cache.joint_names), cache.flip_pairs)
 
     def run(count: int, index: int) -> float:
         capped = replace(config, train=replace(config.train, max_steps_per_epoch=count))
         batches = epoch_batches(cache, capped, 0, 1, index, flip_permutation, device)
-        generator = None
-        if not augment_in_loader:  # the same batches and draws, augmented inside train_one_epoch
-            batches.prepare, batches.prepare_in_reader = None, False
-            generator = torch.Generator().manual_seed(derived_seed(capped.train.seed, 0, index))
+        if not augment_in_loader:  # the same batches and draws, augmented in the training thread
+            batches.prepare_in_reader = False
         sync(device)
         start = time.perf_counter()
-        sums = train_one_epoch(step_model, optimizer, scheduler, batches, capped, None, generator,
-                               flip_permutation, device)
+        sums = train_one_epoch(step_model, optimizer, scheduler, batches, capped, None, device)
         sync(device)
         return sums["images"] / (time.perf_counter() - start)
 
@@ -185,7 +184,7 @@ def flops_per_image(config: ExperimentConfig, device: torch.device, batch: int =
     images, targets, joints = random_batch(config, device, torch.Generator().manual_seed(0))
     with FlopCounterMode(display=False) as counter:
         pred = model(images)
-        loss, _ = belief_map_loss(pred, targets, joints[..., 2] > 0)
+        loss = belief_map_loss(pred, targets, joints[..., 2] > 0).sum()
         loss.backward()
     return counter.get_total_flops() / batch
 
@@ -205,9 +204,9 @@ def memory_worker(config_path: str, overrides: list[str], cache_path: str, max_s
     steps = len(train_batches(len(cache), t.batch_size, 0, 1, t.seed, 0, t.max_steps_per_epoch))
     _, step_model, optimizer, scheduler = build_training_state(
         config, device, StepSetup(t.precision, True, t.compile), steps)
-    flip_permutation = flip_permutation_of(cache)
+    flip_permutation = flip_permutation_of(len(cache.joint_names), cache.flip_pairs)
     batches = epoch_batches(cache, config, 0, 1, 0, flip_permutation, device)
-    sums = train_one_epoch(step_model, optimizer, scheduler, batches, config, None, None, flip_permutation, device)
+    sums = train_one_epoch(step_model, optimizer, scheduler, batches, config, None, device)
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"samples": len(cache), "steps": sums["steps"], "images": sums["images"], "peak_rss_mib": peak_kib / 1024}
 

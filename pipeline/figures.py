@@ -1,4 +1,5 @@
-"""Figures (matplotlib, Agg, PNG): belief maps per stage, and predicted skeletons on images.
+"""Figures (matplotlib, Agg, PNG) of one run: arrays in, PNG out. Belief maps per stage, predicted
+skeletons on images, the learning curve.
 
 `belief_maps_figure`: the paper's Fig. 1 view -- rows are stages, columns a few parts (by default
 the right/left wrists and elbows, where stage 1 confuses left and right), each map drawn over the
@@ -19,6 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from cpm_model.geometry import heatmap_to_input  # noqa: E402
+from pipeline.train import metric_names as names  # noqa: E402
 
 DEFAULT_PARTS = ("right_wrist", "left_wrist", "right_elbow", "left_elbow")
 # Limbs by joint name (LSP and MPII names); pairs whose names are missing are skipped.
@@ -50,8 +52,7 @@ def _as_rgb(image: np.ndarray) -> np.ndarray:
 
 
 def belief_maps_figure(image: np.ndarray, belief_maps: np.ndarray, joint_names: Sequence[str],
-                       path: str | Path, parts: Sequence[str] = DEFAULT_PARTS, stride: int = 8,
-                       title: str | None = None) -> Path:
+                       path: str | Path, parts: Sequence[str] = DEFAULT_PARTS, title: str | None = None) -> Path:
     """Save a stages x parts grid of belief maps over the crop.
 
     image: (S, S, 3) crop (uint8 or float in [0, 1]); belief_maps: (T, P+1, M, M). The arg-max of
@@ -60,6 +61,7 @@ def belief_maps_figure(image: np.ndarray, belief_maps: np.ndarray, joint_names: 
     belief_maps = np.asarray(belief_maps, dtype=np.float32)
     image = _as_rgb(image)
     size = image.shape[0]
+    stride = size // belief_maps.shape[-1]  # the network's output stride, from the two sizes
     columns = [joint_names.index(p) for p in parts if p in joint_names] or list(range(min(4, len(joint_names))))
     stages = belief_maps.shape[0]
     fig, axes = plt.subplots(stages, len(columns), figsize=(2.2 * len(columns), 2.2 * stages), squeeze=False)
@@ -137,16 +139,16 @@ def skeleton_figure(images: Sequence[np.ndarray], predictions: Sequence[np.ndarr
 
 def learning_curve_figure(history: Sequence[dict], path: str | Path) -> Path:
     """Training loss and validation PCK@0.2 per stage against the epoch."""
-    epochs = [m["epoch"] for m in history if "train_loss" in m]
-    rows = [m for m in history if "train_loss" in m]
+    rows = [m for m in history if names.is_epoch_row(m)]
+    epochs = [m[names.EPOCH] for m in rows]
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2))
-    left.plot(epochs, [m["train_loss"] for m in rows], marker="o")
+    left.plot(epochs, [m[names.TRAIN_LOSS] for m in rows], marker="o")
     left.set_xlabel("epoch")
     left.set_ylabel("training loss")
     left.set_yscale("log")
-    stage_keys = sorted((k for k in rows[0] if k.startswith("pck_stage")), key=lambda k: int(k[9:])) if rows else []
+    stage_keys = names.stage_keys(rows[0]) if rows else []
     for key in stage_keys:
-        right.plot(epochs, [100 * m[key] for m in rows], marker="o", label=f"stage {key[9:]}")
+        right.plot(epochs, [100 * m[key] for m in rows], marker="o", label=f"stage {names.stage_of_key(key)}")
     right.set_xlabel("epoch")
     right.set_ylabel("val PCK@0.2 (%)")
     if stage_keys:
@@ -196,29 +198,3 @@ def pick_confusion_example(predictions: np.ndarray, joints: np.ndarray, joint_na
         if score > best_score:
             best, best_score = n, score
     return best
-
-
-def belief_maps_figure_for_cache(model, cache_path, path: str | Path, search: int = 64,
-                                 precision: str = "fp32") -> Path:
-    """Belief maps per stage of one crop of a cache (a stage-1 left/right confusion fixed later,
-    when one occurs among the first `search` crops), drawn with `belief_maps_figure`."""
-    import torch
-
-    from cpm_model.heatmaps import decode_belief_maps
-    from pipeline.evaluate import predict_belief_maps
-    from preprocessing.cache import PoseCache
-
-    cache = cache_path if hasattr(cache_path, "read") else PoseCache(cache_path)
-    rows = np.arange(min(search, len(cache)))
-    data = cache.read(rows, keys=["images", "joints"])
-    device = next(model.parameters()).device
-    images = torch.from_numpy(data["images"]).to(device).permute(0, 3, 1, 2).float() / 255.0
-    was_training = model.training
-    model.eval()
-    maps = predict_belief_maps(model, images, precision).cpu().numpy()
-    model.train(was_training)
-    crop_xy, _ = decode_belief_maps(maps[:, :, :-1])
-    names = cache.joint_names
-    pick = pick_confusion_example(crop_xy, data["joints"], names, flip_pairs=cache.flip_pairs)
-    return belief_maps_figure(data["images"][pick], maps[pick], names, path,
-                              title=f"crop {int(rows[pick])}: belief maps per stage")

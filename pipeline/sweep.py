@@ -4,6 +4,7 @@
     python pipeline/sweep.py --config configs/ablation_stages.yaml --data lspet:/data/lspet
     python pipeline/sweep.py --dry-run                              # list the trials and exit
     python pipeline/sweep.py --resume                               # continue the last sweep
+    python pipeline/sweep.py --config configs/lspet_cpu.yaml --single  # one configuration, one trial
 
 The driver resolves the config, checks the tracking store, builds each cache once, opens the
 sweep's parent MLflow run and starts Tune: each trial fits a TorchTrainer; a Tune callback in
@@ -19,8 +20,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script (`python pipeline/sweep.py`): use this checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cpm_model.config import (ConfigError, ExperimentConfig, add_config_arguments,  # noqa: E402
-                              check_path_component, load_config)
+from cpm_model.config import ConfigError, ExperimentConfig, add_config_arguments, check_path_component  # noqa: E402
+from pipeline.cli import config_from_args  # noqa: E402
 
 DEFAULT_PRESET = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
 
@@ -39,14 +40,19 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "with the same config and tracking URI")
     parser.add_argument("--retry-failed", action="store_true",
                         help="with --resume: run the trials that failed again (in their MLflow runs)")
+    parser.add_argument("--single", action="store_true",
+                        help="train the preset's base configuration alone: its grid and search are left out, "
+                        "the run is tracked, checkpointed and resumable like a sweep's trial")
     parser.add_argument("--sweep-id", default=None,
                         help="name the sweep (default: preset name + start time + a random suffix)")
     return parser.parse_args(argv)
 
 
 def resolve_config(args: argparse.Namespace) -> ExperimentConfig:
-    return load_config(args.config or DEFAULT_PRESET, args.overrides, data=args.data,
-                       tracking_uri=args.tracking_uri, storage_path=args.storage_path)
+    if args.single:  # one configuration: the preset's grid, variants and search cleared
+        args.overrides = [*args.overrides, "sweep.grid={}", "sweep.variants=[]", "sweep.search={}",
+                          "sweep.num_samples=1"]
+    return config_from_args(args, DEFAULT_PRESET)
 
 
 def check_arguments(args: argparse.Namespace) -> None:
@@ -66,7 +72,7 @@ def main(argv=None) -> int:
     try:
         check_arguments(args)
         config = resolve_config(args)
-        from pipeline.sweep_space import expand_grid, format_trial_table
+        from pipeline.distributed.space import expand_grid, format_trial_table
         trials = expand_grid(config)
     except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -85,8 +91,8 @@ def main(argv=None) -> int:
     if args.dry_run:
         return 0
 
-    from pipeline.interrupts import SweepStopped
-    from pipeline.sweep_runner import SweepError, run_sweep
+    from pipeline.distributed.interrupts import SweepStopped
+    from pipeline.distributed.runner import SweepError, run_sweep
 
     try:
         outcome = run_sweep(config, trials, resume=args.resume, sweep_id=args.sweep_id,

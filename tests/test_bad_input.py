@@ -117,7 +117,7 @@ def test_a_data_path_with_hash_and_space_reaches_the_reader(tmp_path, ray_tmpdir
 
 def test_run_lookup_finds_a_tag_value_with_a_quote(tmp_path):
     """MLflow's filter strings have no escapes; a value with a quote is quoted with the other kind."""
-    from pipeline import tracking
+    from pipeline.tracking import store as tracking
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment = client.create_experiment("quotes")

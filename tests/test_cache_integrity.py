@@ -174,7 +174,7 @@ def local_ray(ray_tmpdir, monkeypatch):
 
 
 def test_node_copies_are_checked_fully_and_replaced_when_they_differ(local_ray, tmp_path, monkeypatch):
-    from pipeline import cache_sync
+    from pipeline.distributed import cache_sync
 
     source = built(tmp_path / "shared")
     monkeypatch.setenv(cache_sync.LOCAL_CACHE_ENV, str(tmp_path / "node"))

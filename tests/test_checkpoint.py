@@ -11,7 +11,7 @@ import torch
 
 from cpm_model.config import load_config
 from cpm_model.model import CPM, VGG19_CONV_INDICES
-from pipeline.checkpoint import (CheckpointError, build_checkpoint, capture_rng_state, load_checkpoint,
+from pipeline.train.checkpoint import (CheckpointError, build_checkpoint, capture_rng_state, load_checkpoint,
                                  load_init_weights, load_model_state, read_checkpoint, restore_rng_state,
                                  save_checkpoint)
 

@@ -15,10 +15,10 @@ import torch
 
 from cpm_model.config import load_config
 from cpm_model.model import CPM
-from pipeline.checkpoint import (CheckpointError, CheckpointFallbackWarning, CorruptCheckpointError,
+from pipeline.train.checkpoint import (CheckpointError, CheckpointFallbackWarning, CorruptCheckpointError,
                                  build_checkpoint, copy_durably, load_newest_usable, read_checkpoint,
                                  save_checkpoint)
-from pipeline.ray_context import older_sibling_checkpoints
+from pipeline.distributed.ray_context import older_sibling_checkpoints
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["preprocess.input_size=64", "model.stages=2", "model.width=0.125", "model.stage1_kernel=3",
@@ -152,8 +152,8 @@ def test_a_restored_ray_train_run_skips_a_truncated_latest_checkpoint(tmp_path, 
 
 def _ray_loop(loop_config: dict) -> None:
     from cpm_model.config import from_dict
-    from pipeline.ray_context import RayTrainContext
-    from pipeline.training import train_worker
+    from pipeline.distributed.ray_context import RayTrainContext
+    from pipeline.train.loop import train_worker
 
     torch.set_num_threads(1)
     train_worker(from_dict(loop_config["config"]), RayTrainContext(), progress=False)

@@ -15,9 +15,9 @@ import torch
 from ray.train.torch import TorchTrainer
 
 from cpm_model.config import load_config
-from pipeline.context import LocalContext
-from pipeline.evaluate import build_model
-from pipeline.training import validate
+from pipeline.train.context import LocalContext
+from pipeline.train.inference import build_model
+from pipeline.train.loop import validate
 from preprocessing.build import build_cache
 from preprocessing.cache import PoseCache
 
@@ -30,7 +30,7 @@ OVERRIDES = ["data.spec=synthetic:300", "preprocess.input_size=64", "model.stage
 
 
 def _counts_in_worker(loop_config: dict) -> None:
-    from pipeline.ray_context import RayTrainContext
+    from pipeline.distributed.ray_context import RayTrainContext
 
     ctx = RayTrainContext()
     config = load_config(None, loop_config["overrides"])
@@ -38,7 +38,7 @@ def _counts_in_worker(loop_config: dict) -> None:
     model = build_model(config, len(cache.joint_names))
     model.load_state_dict(torch.load(loop_config["weights"], weights_only=True))
     model.eval()
-    counts, _ = validate(model, cache, config, ctx, batch_size=7)
+    counts = validate(model, cache, config.with_overrides({"train.batch_size": 7}), ctx)
     out = Path(loop_config["out"]) / f"rank{ctx.rank}.json"
     out.write_text(json.dumps({"correct": counts.correct.tolist(), "total": counts.total.tolist(),
                                "num_samples": counts.num_samples, "world_size": ctx.world_size}))
@@ -54,7 +54,7 @@ def test_two_workers_score_the_split_exactly_like_one(tmp_path, ray_tmpdir):
     weights = tmp_path / "weights.pt"
     torch.save(model.state_dict(), weights)
     model.eval()
-    single, _ = validate(model, cache, config, LocalContext(device="cpu", quiet=True), batch_size=16)
+    single = validate(model, cache, config.with_overrides({"train.batch_size": 16}), LocalContext(device="cpu", quiet=True))
     assert single.num_samples == len(cache) and single.total.sum() > 0
 
     # Workers import the project and this test module (the loop function is pickled by reference).

@@ -15,7 +15,10 @@ import torch
 from cpm_model.heatmaps import render_belief_maps_torch
 from cpm_model.joints import LSP
 from pipeline import evaluate, fit, predict
-from pipeline.evaluate import PCKCounts, mean_pose_counts, predict_belief_maps, summarize
+from cpm_model.metrics import PCKCounts
+from pipeline.train import inference
+from pipeline.train.inference import predict_belief_maps
+from pipeline.train.scoring import mean_pose_counts, summarize
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["data.spec=synthetic:160", "preprocess.input_size=64", "model.stages=2", "model.width=0.125",
@@ -108,7 +111,7 @@ def test_scale_search_resamples_maps_back_to_the_crop_grid():
     images = torch.zeros(1, 3, 64, 64)
     images[0, :, 19:22, 43:46] = 1.0  # bright 3x3 block around (44, 20)
     maps = predict_belief_maps(PeakAtBrightest(), images, scales=[0.8, 1.25])
-    coords = evaluate.decode_all_stages(maps.numpy(), np.array([[[1.0, 0, 0], [0, 1.0, 0]]]))
+    coords = inference.decode_all_stages(maps.numpy(), np.array([[[1.0, 0, 0], [0, 1.0, 0]]]))
     assert np.abs(coords[0, 0, 0] - [44, 20]).max() < 2.0
 
 

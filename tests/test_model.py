@@ -12,7 +12,7 @@ from torch import nn
 from cpm_model import CPM, belief_map_loss, center_map, load_vgg_weights
 from cpm_model.config import ModelConfig
 from cpm_model.model import IMAGENET_MEAN, IMAGENET_STD, VGG19_CONV_INDICES
-from pipeline.checkpoint import CheckpointError, load_init_weights, load_model_state
+from pipeline.train.checkpoint import CheckpointError, load_init_weights, load_model_state
 
 NARROW = 0.0625  # 8 / 2 / 32 channels: the layout and shapes do not depend on width
 

@@ -15,7 +15,7 @@ from services import LOOPBACK_ENV, mlflow_server, postgres_server
 from test_sweep_integration import sweep_env
 
 from cpm_model.config import load_config, redact_uri
-from pipeline import tracking
+from pipeline.tracking import store as tracking
 
 REPO = Path(__file__).resolve().parents[1]
 PASSWORD = "pw-6f1d2c9a8b"  # distinctive, so a search of every stored byte for it cannot match by chance

@@ -10,6 +10,7 @@ import pytest
 from mlflow import MlflowClient
 
 from pipeline import report
+from pipeline.reporting import tables
 
 JOINTS = ("head", "left_ankle")
 # (stages, rf px, int. sup., scheme, seed) -> best val pck; test pck = val - 0.05
@@ -82,8 +83,8 @@ def _row(table, **where):
 
 
 def test_tables_hold_mean_and_std_over_seeds(store):
-    runs = report.load_runs(store["client"], EXPERIMENT)
-    built = report.build_report(runs, store["tmp"] / "out")
+    runs = tables.load_runs(store["client"], EXPERIMENT)
+    built = tables.build_report(runs, store["tmp"] / "out")
     stages = next(t for t in built.tables if t.name == "ablation_stages")
     row = _row(stages, stages=3, **{"RF (px)": 143})
     val = row[stages.columns.index("val PCK@0.2")]

@@ -19,7 +19,7 @@ import pytest
 from conftest import kill_processes_mentioning
 from mlflow import MlflowClient
 
-from pipeline import sweep_identity
+from pipeline.distributed import identity as sweep_identity
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -108,7 +108,7 @@ def test_retry_failed_reruns_the_failed_trial_in_its_run(first_sweep):
     import torch
 
     from cpm_model.config import load_config
-    from pipeline.evaluate import build_model
+    from pipeline.train.inference import build_model
 
     tmp, ray_dir, _ = first_sweep
     before = trial_runs(tmp)

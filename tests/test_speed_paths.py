@@ -11,12 +11,13 @@ import torch
 
 from cpm_model.config import ConfigError, load_config
 from cpm_model.heatmaps import decode_belief_maps
+from cpm_model.joints import flip_permutation
 from cpm_model.loss import belief_map_loss
 from cpm_model.metrics import pck
-from pipeline.data import CacheBatches, train_batches
-from pipeline.evaluate import autocast, build_model
-from pipeline.training import (compiled_for_training, epoch_batches, flip_permutation_of, make_optimizer,
-                               train_one_epoch)
+from pipeline.train.batches import CacheBatches, epoch_batches
+from pipeline.train.inference import autocast, build_model
+from pipeline.train.loop import compiled_for_training, train_one_epoch
+from pipeline.train.schedule import make_optimizer
 from preprocessing.build import build_cache
 from preprocessing.cache import PoseCache
 
@@ -46,7 +47,7 @@ def fitted_model(config, images, targets, joints, steps: int = 40):
     model = build_model(config, joints.shape[1])
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     for _ in range(steps):
-        loss, _ = belief_map_loss(model(images), targets, joints[..., 2] > 0)
+        loss = belief_map_loss(model(images), targets, joints[..., 2] > 0).sum()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -67,11 +68,11 @@ def test_optimised_path_matches_plain_fp32(setup, use_compile):
     mask = joints[..., 2] > 0
     with torch.no_grad():
         plain = model(images)
-        plain_loss, _ = belief_map_loss(plain, targets, mask)
+        plain_loss = belief_map_loss(plain, targets, mask).sum()
         fast_model = compiled_for_training(model.to(memory_format=torch.channels_last), use_compile)
         with autocast("bf16", images.device):
             fast = fast_model(images.contiguous(memory_format=torch.channels_last))
-        fast_loss, _ = belief_map_loss(fast, targets, mask)
+        fast_loss = belief_map_loss(fast, targets, mask).sum()
     assert float(fast_loss) == pytest.approx(float(plain_loss), rel=5e-2)
     assert batch_pck(fast, joints) == pytest.approx(batch_pck(plain, joints), abs=0.05)
     assert batch_pck(plain, joints) > 0.3  # the comparison is between meaningful predictions
@@ -99,43 +100,40 @@ def test_worker_loop_loss_equals_hand_written_step(setup):
     optimizer = make_optimizer(model, config.train)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     rows = np.arange(8)
-    batches = CacheBatches(cache, np.arange(len(cache)), [rows], "cpu",
-                           keys=("images", "belief_maps", "joints"))
-    sums = train_one_epoch(model, optimizer, scheduler, batches, config, None, None,
-                           flip_permutation_of(cache), torch.device("cpu"))
+    batches = CacheBatches(cache, np.arange(len(cache)), [rows], "cpu", keys=("images", "belief_maps", "joints"),
+                           prepare=lambda batch: {**batch, "targets": batch["belief_maps"]})
+    sums = train_one_epoch(model, optimizer, scheduler, batches, config, None, torch.device("cpu"))
     images, targets, joints = batch_of(cache)
     expected = hand_written_loss(reference, images, targets, joints).detach()
     assert sums["steps"] == 1
     assert sums["loss_sum"] == pytest.approx(float(expected), rel=1e-5)
 
 
-def run_epoch(config, cache, batches, generator):
+def run_epoch(config, cache, batches):
     torch.manual_seed(0)
     model = build_model(config, len(cache.joint_names)).train()
     optimizer = make_optimizer(model, config.train)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    sums = train_one_epoch(model, optimizer, scheduler, batches, config, None, generator,
-                           flip_permutation_of(cache), torch.device("cpu"))
+    sums = train_one_epoch(model, optimizer, scheduler, batches, config, None, torch.device("cpu"))
     return sums, model.state_dict()
 
 
-def test_loader_side_augmentation_equals_in_loop_augmentation(setup):
-    """Augmenting in the prefetch thread draws the same numbers as augmenting in the step."""
-    from pipeline.training import derived_seed
-
+def test_augmenting_in_the_reader_thread_equals_augmenting_in_the_step(setup):
+    """On a CPU the loader augments in its prefetch thread; on an accelerator in the consuming
+    thread. Both draw the epoch's augmentation stream in batch order: the same numbers."""
     config, cache = setup
-    t = config.train
-    fast_sums, fast_state = run_epoch(config, cache, epoch_batches(cache, config, 0, 1, 0, flip_permutation_of(cache),
-                                                                   "cpu"), None)
-    positions = train_batches(len(cache), t.batch_size, 0, 1, t.seed, 0, t.max_steps_per_epoch)
-    plain = CacheBatches(cache, np.arange(len(cache)), positions, "cpu", keys=("images", "joints"))
-    generator = torch.Generator().manual_seed(derived_seed(t.seed, 0, 0))
-    plain_sums, plain_state = run_epoch(config, cache, plain, generator)
-    assert fast_sums["steps"] == plain_sums["steps"] == 3
-    assert fast_sums["loss_sum"] == plain_sums["loss_sum"]
-    np.testing.assert_array_equal(fast_sums["stage_loss_sum"], plain_sums["stage_loss_sum"])
-    for key in plain_state:
-        torch.testing.assert_close(fast_state[key], plain_state[key], rtol=0, atol=0)
+    permutation = flip_permutation(len(cache.joint_names), cache.flip_pairs)
+    in_reader = epoch_batches(cache, config, 0, 1, 0, permutation, "cpu")
+    in_step = epoch_batches(cache, config, 0, 1, 0, permutation, "cpu")
+    assert in_reader.prepare_in_reader
+    in_step.prepare_in_reader = False  # what a CUDA device does
+    reader_sums, reader_state = run_epoch(config, cache, in_reader)
+    step_sums, step_state = run_epoch(config, cache, in_step)
+    assert reader_sums["steps"] == step_sums["steps"] == 3
+    assert reader_sums["loss_sum"] == step_sums["loss_sum"]
+    np.testing.assert_array_equal(reader_sums["stage_loss_sum"], step_sums["stage_loss_sum"])
+    for key in step_state:
+        torch.testing.assert_close(reader_state[key], step_state[key], rtol=0, atol=0)
 
 
 def test_compile_option_is_validated():

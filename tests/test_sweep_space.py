@@ -3,8 +3,8 @@
 import pytest
 
 from cpm_model.config import ConfigError, load_config
-from pipeline.resources import ResourceError, plan_resources
-from pipeline.sweep_space import expand_grid, format_trial_table, make_trial, trial_key
+from pipeline.distributed.resources import ResourceError, plan_resources
+from pipeline.distributed.space import expand_grid, format_trial_table, make_trial, trial_key
 
 
 def paper_config(**grid):
@@ -135,7 +135,7 @@ def test_resource_plan_rejects_what_the_cluster_can_never_have():
 
 
 def test_autoscaling_config_file_node_types():
-    from pipeline.cluster_capacity import parse_autoscaling_config
+    from pipeline.distributed.cluster_capacity import parse_autoscaling_config
 
     # The head's copy of ray_cluster.yaml after `ray up` filled in the resources of the instance types.
     config = {"max_workers": 8, "head_node_type": "head", "available_node_types": {

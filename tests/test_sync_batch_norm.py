@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from cpm_model import CPM
-from pipeline.training import uses_sync_batch_norm, with_sync_batch_norm
+from pipeline.train.loop import uses_sync_batch_norm, with_sync_batch_norm
 
 
 @pytest.mark.parametrize("device_type, world_size, has_batch_norm, expected", [

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from cpm_model.config import ConfigError, load_config
-from pipeline.context import LocalContext
-from pipeline.data import eval_batches, train_batches
-from pipeline.training import Phase, lr_factor, total_epochs, train_worker, training_phases
+from pipeline.train.batches import eval_batches, train_batches
+from pipeline.train.context import LocalContext
+from pipeline.train.loop import train_worker
+from pipeline.train.schedule import Phase, lr_factor, total_epochs, training_phases
 
 TINY = [
     "data.spec=synthetic:160", "preprocess.input_size=64",

@@ -1,6 +1,6 @@
 """MLflow tracking: where runs go, and finding or creating the sweep's and each trial's run.
 
-One process writes each run (the sweep driver, through `pipeline.mlflow_callback`): SQLite takes
+One process writes each run (the sweep driver, through `pipeline.tracking.trial_logger`): SQLite takes
 one writer well, and a network file system not at all. Runs are found by identity tags before one
 is created, so a resumed sweep or a restarted trial keeps writing to the same run.
 """
@@ -23,15 +23,12 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 
 from cpm_model.config import REDACTED, redact_uri, uri_secrets
+from pipeline.tracking.errors import TrackingError
 
 SWEEP_TAG = "cpm.sweep_id"  # on the parent run
 TRIAL_TAG = "cpm.trial_key"  # on each trial's run, with the sweep id
 KIND_TAG = "cpm.run_kind"  # "sweep" or "trial"
 DEFAULT_HOME = Path("~/.cache/cpm-pipeline/mlflow")
-
-
-class TrackingError(RuntimeError):
-    """The tracking server cannot be reached or used."""
 
 
 def default_tracking_uri() -> str:

@@ -15,7 +15,7 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from .context import WorkerContext
+from pipeline.train.context import WorkerContext
 
 
 class RayTrainContext(WorkerContext):
@@ -71,7 +71,7 @@ class RayTrainContext(WorkerContext):
 def older_sibling_checkpoints(latest: str) -> list[str]:
     """The other `checkpoint_*` directories next to `latest` that hold a checkpoint file, newest
     first (by the file's modification time: Ray writes them once, in report order)."""
-    from .context import CHECKPOINT_FILE
+    from pipeline.train.context import CHECKPOINT_FILE
 
     parent = os.path.dirname(os.path.abspath(latest))
     found = []

@@ -28,7 +28,7 @@ from typing import Any, Callable
 from mlflow import MlflowClient
 from mlflow.entities import Metric
 
-from . import tracking
+from pipeline.tracking import store
 
 SPOOL_FILE = "mlflow_spool.jsonl"
 END_TAGS = ("cpm.status", "cpm.error")  # how a run ended other than FINISHED
@@ -92,7 +92,7 @@ def active_writer(sweep_id: str) -> "TrackingWriter":
 class TrackingWriter:
     def __init__(self, tracking_uri: str, spool_path: Path | None = None, log: Callable[[str], None] | None = None):
         self.tracking_uri = tracking_uri
-        self.shown_uri = tracking.redact_uri(tracking_uri)  # for messages: no secrets
+        self.shown_uri = store.redact_uri(tracking_uri)  # for messages: no secrets
         self.client = MlflowClient(tracking_uri)
         self.spool_path = Path(spool_path) if spool_path else None
         self.log = log or say
@@ -207,7 +207,7 @@ class TrackingWriter:
     def _resolve(self, ref: dict) -> str:
         key = ref_key(ref)
         if key not in self.run_ids:
-            run = tracking.find_run(self.client, ref["experiment_id"], ref["identity"])
+            run = store.find_run(self.client, ref["experiment_id"], ref["identity"])
             if run is None:
                 from mlflow.exceptions import MlflowException
                 raise MlflowException(f"no run with tags {ref['identity']}", error_code="RESOURCE_DOES_NOT_EXIST")
@@ -227,7 +227,7 @@ class TrackingWriter:
             for start in range(0, len(items), 500):
                 self.client.log_batch(run_id, metrics=items[start:start + 500])
         elif kind == "tags":
-            tracking.set_tags(self.client, run_id, op["tags"])
+            store.set_tags(self.client, run_id, op["tags"])
         elif kind == "artifacts":
             for path in op["paths"]:
                 if Path(path).is_file():
@@ -239,8 +239,6 @@ class TrackingWriter:
                 self.client.set_terminated(run_id, status=op["status"])
         elif kind == "clear_end":
             self._clear_end_tags(run_id)
-        elif kind == "best":
-            self._log_best(run_id, op["key"])
         else:
             raise ValueError(f"unknown tracking operation {kind!r}")
 
@@ -248,10 +246,10 @@ class TrackingWriter:
         """Find or create the run; on creation (or a retry, which may follow a half-done creation)
         write its params, dataset inputs and config (all of which MLflow stores idempotently)."""
         ref = op["run"]
-        run_id, created = tracking.get_or_create_run(self.client, ref["experiment_id"], ref["identity"],
+        run_id, created = store.get_or_create_run(self.client, ref["experiment_id"], ref["identity"],
                                                      op["run_name"], op.get("tags"))
         if created or retried:
-            tracking.log_params(self.client, run_id, op.get("params", {}))
+            store.log_params(self.client, run_id, op.get("params", {}))
             if op.get("datasets"):
                 _log_datasets(self.client, run_id, op["datasets"])
             if op.get("config_yaml"):
@@ -278,29 +276,10 @@ class TrackingWriter:
     def _already_logged(self, run_id: str, probe: str, step: int) -> bool:
         return any(m.step == step for m in self.client.get_metric_history(run_id, probe))
 
-    def _log_best(self, run_id: str, key: str) -> None:
-        """best_* metrics: every metric's value at the epoch with the highest validation `key`."""
-        import math
-
-        history = self.client.get_metric_history(run_id, key)
-        if not history:
-            return
-        best = max(history, key=lambda m: (m.value if not math.isnan(m.value) else -math.inf, -m.step))
-        if self._already_logged(run_id, "best_epoch", best.step):  # once per trial: always checked
-            return
-        run = self.client.get_run(run_id)
-        best_metrics = {"best_epoch": best.step}
-        for name in run.data.metrics:
-            if name.startswith(("pck", "auc", "train_loss")):
-                for m in self.client.get_metric_history(run_id, name):
-                    if m.step == best.step:
-                        best_metrics[f"best_{name}"] = m.value
-        tracking.log_metrics(self.client, run_id, best_metrics, step=best.step)
-
     # --- outage bookkeeping ----------------------------------------------------------------
     def _short(self, exc: BaseException) -> str:
         """The error on one line, without the URI's secrets."""
-        return tracking.scrub(str(exc), self.tracking_uri)[:300] or type(exc).__name__
+        return store.scrub(str(exc), self.tracking_uri)[:300] or type(exc).__name__
 
     def _note_down(self, exc: BaseException) -> None:
         now = time.monotonic()
@@ -384,6 +363,6 @@ def _log_datasets(client: MlflowClient, run_id: str, datasets: list[dict]) -> No
 
 def metrics_op(ref: dict, metrics: dict[str, Any], step: int, probe: str, guard: bool) -> dict:
     """A metrics write with its timestamp fixed now (a resend is then an identical metric)."""
-    names = {tracking.metric_name(k): float(v) for k, v in metrics.items()}
+    names = {store.metric_name(k): float(v) for k, v in metrics.items()}
     return {"kind": "metrics", "run": ref, "metrics": names, "step": int(step),
-            "timestamp": int(time.time() * 1000), "probe": tracking.metric_name(probe), "guard": guard}
+            "timestamp": int(time.time() * 1000), "probe": store.metric_name(probe), "guard": guard}

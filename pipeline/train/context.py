@@ -1,6 +1,6 @@
 """What the training loop needs from its surroundings, and the single-process implementation.
 
-The loop (`pipeline.training.train_worker`) talks only to a `WorkerContext`: which rank it is, which
+The loop (`pipeline.train.loop.train_worker`) talks only to a `WorkerContext`: which rank it is, which
 device to use, how to sum numbers over ranks, how to wrap the model for data parallelism, where to
 report metrics and checkpoints, and which checkpoint to resume from. `LocalContext` runs one process;
 a Ray Train context implements the same methods with ray.train.report / get_checkpoint /
@@ -18,7 +18,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .checkpoint import copy_durably
+from pipeline.train import metric_names as names
+from pipeline.train.checkpoint import copy_durably
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -73,15 +74,15 @@ def default_device() -> torch.device:
 
 class LocalContext(WorkerContext):
     """One process. Checkpoints are copied to `out_dir/checkpoints/epoch_NNNN/` (through a temp
-    directory, fsynced, then renamed); the newest `keep_checkpoints` are kept plus the best by
-    `score_attribute` (as Ray's CheckpointConfig does).
+    directory, fsynced, then renamed); the newest `keep_checkpoints` are kept plus the best epoch's
+    (the `best_epoch` every row carries), as Ray's CheckpointConfig does.
 
     `report` prints a row per call (unless quiet) and passes the metrics to `on_report`.
     With `resume=True`, `restore_checkpoint_dirs` lists the saved checkpoints, newest first.
     """
 
     def __init__(self, out_dir: str | Path | None = None, device: torch.device | str | None = None,
-                 resume: bool = False, keep_checkpoints: int = 1, score_attribute: str = "pck",
+                 resume: bool = False, keep_checkpoints: int = 1,
                  on_report: Callable[[dict, str | None], None] | None = None, quiet: bool = False):
         self.rank = 0
         self.world_size = 1
@@ -89,11 +90,11 @@ class LocalContext(WorkerContext):
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.resume = resume
         self.keep_checkpoints = max(1, keep_checkpoints)
-        self.score_attribute = score_attribute
+        self.best_epoch: int | None = None
         self.on_report = on_report
         self.quiet = quiet
         self.history: list[dict] = []
-        self.saved: list[tuple[Path, float]] = []  # (directory, score) in report order
+        self.saved: list[Path] = []  # epoch directories written, in report order
         self._printed_header = False
 
     def all_reduce_sum(self, values: np.ndarray) -> np.ndarray:
@@ -102,6 +103,7 @@ class LocalContext(WorkerContext):
     def report(self, metrics: dict, checkpoint_dir: str | None = None) -> None:
         metrics = dict(metrics)
         self.history.append(metrics)
+        self.best_epoch = metrics.get(names.BEST_EPOCH, self.best_epoch)
         saved_dir = None
         if checkpoint_dir is not None and self.out_dir is not None:
             saved_dir = self._persist(metrics, Path(checkpoint_dir))
@@ -117,25 +119,23 @@ class LocalContext(WorkerContext):
     def _persist(self, metrics: dict, source: Path) -> Path:
         root = self.out_dir / "checkpoints"
         root.mkdir(parents=True, exist_ok=True)
-        target = root / f"epoch_{int(metrics.get('epoch', len(self.saved))):04d}"
+        target = self._epoch_dir(int(metrics.get(names.EPOCH, len(self.saved))))
         copy_durably(source, target)  # replaces an epoch written before a resume from an older one
-        score = metrics.get(self.score_attribute, float("nan"))
-        self.saved = [item for item in self.saved if item[0] != target]  # pruning must not delete it
-        self.saved.append((target, float(score) if score is not None else float("nan")))
+        self.saved = [path for path in self.saved if path != target]  # pruning must not delete it
+        self.saved.append(target)
         self._prune()
         return target
 
+    def _epoch_dir(self, epoch: int) -> Path:
+        return self.out_dir / "checkpoints" / f"epoch_{epoch:04d}"
+
     def _prune(self) -> None:
-        scored = [(s if not math.isnan(s) else -math.inf, i) for i, (_, s) in enumerate(self.saved)]
-        best = max(scored)[1] if scored else None
-        newest = set(range(len(self.saved) - self.keep_checkpoints, len(self.saved)))
-        kept = []
-        for i, (path, score) in enumerate(self.saved):
-            if i in newest or i == best:
-                kept.append((path, score))
-            else:
+        best = self._epoch_dir(self.best_epoch) if self.best_epoch is not None else None
+        newest = self.saved[-self.keep_checkpoints:]
+        for path in self.saved:
+            if path not in newest and path != best:
                 shutil.rmtree(path, ignore_errors=True)
-        self.saved = kept
+        self.saved = [path for path in self.saved if path in newest or path == best]
 
     def checkpoint_dirs(self) -> list[Path]:
         """Saved epoch directories holding a checkpoint file, oldest first (temp ones never match)."""
@@ -149,9 +149,11 @@ class LocalContext(WorkerContext):
         return candidates[-1] if candidates else None
 
     def best_checkpoint_dir(self) -> Path | None:
-        if not self.saved:
+        """The best epoch's saved directory (None before any epoch is saved)."""
+        if self.best_epoch is None or self.out_dir is None:
             return None
-        return max(self.saved, key=lambda item: -math.inf if math.isnan(item[1]) else item[1])[0]
+        path = self._epoch_dir(self.best_epoch)
+        return path if (path / CHECKPOINT_FILE).is_file() else None
 
     def restore_checkpoint_dir(self) -> str | None:
         candidates = self.restore_checkpoint_dirs()
@@ -162,7 +164,7 @@ class LocalContext(WorkerContext):
             return []
         candidates = self.checkpoint_dirs()
         # Tracked for pruning: the newest (rewritten when its epoch is trained again after a fallback).
-        self.saved = [(candidates[-1], float("nan"))] if candidates else []
+        self.saved = candidates[-1:]
         return [str(path) for path in reversed(candidates)]
 
     # --- printing --------------------------------------------------------------------------
@@ -172,15 +174,15 @@ class LocalContext(WorkerContext):
                 ("images_per_s", "{:>8}", "{:>8.1f}"))
 
     def _print_row(self, metrics: dict) -> None:
-        if "train_loss" not in metrics:  # a summary row (e.g. the test score): print it whole
+        if not names.is_epoch_row(metrics):  # a summary row (e.g. the test score): print it whole
             print("  ".join(f"{k}={_fmt(v)}" for k, v in metrics.items() if not k.startswith("test_pck_") or "stage" in k),
                   flush=True)
             return
-        stage_keys = sorted((k for k in metrics if k.startswith("pck_stage")), key=lambda k: int(k[9:]))
+        stage_keys = names.stage_keys(metrics)
         if not self._printed_header:
-            names = {"epoch_time_s": "time_s", "images_per_s": "img/s"}
-            header = [fmt.format(names.get(key, key)) for key, fmt, _ in self._COLUMNS]
-            header += [f"{'pck_s' + k[9:]:>7}" for k in stage_keys]
+            short = {"epoch_time_s": "time_s", "images_per_s": "img/s"}
+            header = [fmt.format(short.get(key, key)) for key, fmt, _ in self._COLUMNS]
+            header += [f"{'pck_s' + str(names.stage_of_key(k)):>7}" for k in stage_keys]
             print(" ".join(header), flush=True)
             self._printed_header = True
         cells = []

@@ -11,7 +11,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .ablation import CURVE_PREFIX, SCHEME_LABELS, ConfigGroup, Stat, curve_alphas  # noqa: E402
+from pipeline.reporting.runs import CURVE_PREFIX, SCHEME_LABELS, ConfigGroup, Stat, curve_alphas  # noqa: E402
 
 PCK_AXIS = "PCK@0.2 (%, val, best epoch)"
 

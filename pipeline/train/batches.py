@@ -22,9 +22,21 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
+from cpm_model.augment import AugmentSettings, random_augment
+from cpm_model.config import ExperimentConfig
+
 # Arrays that go to the compute device; the rest (affines, original joints, normalisers) stay on
 # the CPU, where decoding and PCK run.
 DEVICE_KEYS = ("images", "belief_maps", "joints")
+TRAIN_KEYS = ("images", "belief_maps", "joints")  # without augmentation: the cached targets
+AUGMENTED_TRAIN_KEYS = ("images", "joints")  # with it: targets re-rendered from the warped joints
+EVAL_KEYS = ("images", "affine", "joints_original", "torso")
+
+
+def derived_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (e.g. seed, rank, epoch): independent streams per tuple."""
+    high, low = np.random.SeedSequence([int(p) for p in parts]).generate_state(2, dtype=np.uint32)
+    return ((int(high) << 32) | int(low)) & ((1 << 63) - 1)
 
 
 def train_batches(num_samples: int, batch_size: int, rank: int, world_size: int, seed: int, epoch: int,
@@ -143,3 +155,40 @@ class CacheBatches:
                 except queue.Empty:
                     pass
                 thread.join(timeout=0.05)
+
+
+def training_augmenter(config: ExperimentConfig, generator: torch.Generator, flip_permutation):
+    """The per-batch `prepare` step of training: augment, render targets from the warped joints.
+    Batches must go through it in order (the generator's stream is the epoch's augmentation)."""
+    settings = AugmentSettings.from_train_config(config.train)
+
+    def prepare(batch: dict) -> dict:
+        images, targets, joints = random_augment(batch["images"], batch["joints"], settings, generator,
+                                                 flip_permutation, config.preprocess.sigma)
+        return {**batch, "images": images, "targets": targets, "joints": joints}
+
+    return prepare
+
+
+def epoch_batches(cache, config: ExperimentConfig, rank: int, world_size: int, epoch: int, flip_permutation,
+                  device) -> CacheBatches:
+    """This rank's training batches of one epoch; each carries "targets": re-rendered by the loader
+    after augmentation, or the cached belief maps when train.augment is off."""
+    t = config.train
+    positions = train_batches(len(cache), t.batch_size, rank, world_size, t.seed, epoch, t.max_steps_per_epoch)
+    if not t.augment:
+        return CacheBatches(cache, np.arange(len(cache)), positions, device, keys=TRAIN_KEYS,
+                            prepare=_cached_targets)
+    generator = torch.Generator().manual_seed(derived_seed(t.seed, rank, epoch))
+    return CacheBatches(cache, np.arange(len(cache)), positions, device, keys=AUGMENTED_TRAIN_KEYS,
+                        prepare=training_augmenter(config, generator, flip_permutation))
+
+
+def scoring_batches(cache, batch_size: int, rank: int, world_size: int, device) -> CacheBatches:
+    """This rank's shard of a whole split, with what scoring needs."""
+    rows = np.arange(len(cache))
+    return CacheBatches(cache, rows, eval_batches(len(rows), batch_size, rank, world_size), device, keys=EVAL_KEYS)
+
+
+def _cached_targets(batch: dict) -> dict:
+    return {**batch, "targets": batch["belief_maps"]}

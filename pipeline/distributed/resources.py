@@ -2,7 +2,7 @@
 
 Planned from what the cluster can have, not only what it has: an autoscaling cluster starts with
 its head alone, and its GPU nodes come when trials ask for them. The input is the plain dict of
-`pipeline.cluster_capacity.cluster_capacity()`: the alive nodes' resources and the node types the
+`pipeline.distributed.cluster_capacity.cluster_capacity()`: the alive nodes' resources and the node types the
 autoscaler may launch (resources per node, how many more).
 
 A trial's driver (the Tune function that fits a TorchTrainer) reserves no CPU, only a token of

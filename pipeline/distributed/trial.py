@@ -1,6 +1,6 @@
 """One trial: a Tune function trainable that fits a Ray Train `TorchTrainer` (Train V2 pattern).
 
-The worker loop is the project's plain training loop (`pipeline.training.train_worker`) behind a
+The worker loop is the project's plain training loop (`pipeline.train.loop.train_worker`) behind a
 Ray Train `WorkerContext`. Checkpoints go to the run's storage path every epoch; a restarted worker
 group (FailureConfig) or a restored sweep resumes from the last one, because the Train run's name
 and storage path are derived from the trial's identity and stay the same.
@@ -19,20 +19,19 @@ from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from cpm_model.config import from_dict
-
-from .mlflow_callback import ARTIFACT_ROW, trial_overrides
-from .resources import ResourcePlan
-from .sweep_space import make_trial
-
+from pipeline.distributed.resources import ResourcePlan
+from pipeline.distributed.space import TrialSpec, trial_of
+from pipeline.train import metric_names as names
 
 DIVERGED_FILE = "diverged.txt"  # in a trial's artifacts directory: why its loss stopped being finite
 
 
 def worker_loop(loop_config: dict) -> None:
     """Runs in every Ray Train worker."""
-    from . import cache_sync
-    from .node_versions import check_worker_versions
-    from .ray_context import RayTrainContext
+    from pipeline.distributed import cache_sync
+    from pipeline.distributed.node_versions import check_worker_versions
+    from pipeline.distributed.ray_context import RayTrainContext
+
     from .training import TrainingDivergedError, train_worker
 
     _quiet_train_reports()
@@ -73,11 +72,12 @@ def _quiet_train_reports() -> None:
             logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def _write_artifacts(directory: Path, result: dict, config, val_cache) -> None:
+def _write_artifacts(directory: Path, result: dict, config) -> None:
     """Best weights (a checkpoint `pipeline.evaluate` reads), the config, the learning curve and
     the belief maps per stage, for the driver to log to MLflow."""
-    from .checkpoint import build_checkpoint, save_checkpoint
-    from .figures import belief_maps_figure_for_cache, learning_curve_figure
+    from pipeline.figures import belief_maps_figure, learning_curve_figure
+    from pipeline.train.checkpoint import build_checkpoint, save_checkpoint
+    from pipeline.train.inference import confusion_example
 
     directory.mkdir(parents=True, exist_ok=True)
     model = result["model"]
@@ -87,16 +87,22 @@ def _write_artifacts(directory: Path, result: dict, config, val_cache) -> None:
     (directory / "config.yaml").write_text(config.to_yaml())
     try:  # a picture must never fail a finished run
         learning_curve_figure(result["history"], directory / "learning_curve.png")
-        belief_maps_figure_for_cache(model, val_cache, directory / "belief_maps_per_stage.png")
+        example = confusion_example(model, result["val_cache"])
+        if len(example["rows"]):
+            pick = example["pick"]
+            belief_maps_figure(example["images"][pick], example["belief_maps"][pick], result["joint_names"],
+                               directory / "belief_maps_per_stage.png",
+                               title=f"crop {int(example['rows'][pick])}: belief maps per stage")
     except Exception as exc:
         (directory / "figures_not_drawn.txt").write_text(f"{type(exc).__name__}: {exc}\n")
 
 
-def run_trial(trial_config: dict, base_config: dict, plan: ResourcePlan, sweep_id: str, storage_path: str,
-              cache_paths: dict[str, dict[str, str]], cache_node_id: str, max_failures: int,
+def run_trial(trial_config: dict, specs: dict[str, TrialSpec], plan: ResourcePlan, sweep_id: str,
+              storage_path: str, cache_paths: dict[str, dict[str, str]], cache_node_id: str, max_failures: int,
               driver_versions: dict[str, str]) -> None:
-    """The Tune trainable. `trial_config` = {"trial": {...grid point...}, "search": {...sampled...}}."""
-    spec = make_trial(from_dict(base_config), trial_overrides(trial_config))
+    """The Tune trainable. `trial_config` = {"trial": {...grid point...}, "search": {...sampled...}};
+    `specs` = the sweep's trials by key, as the driver expanded them."""
+    spec = trial_of(specs, trial_config)
     resources = {"CPU": plan.cpus_per_worker}
     if plan.use_gpu:
         resources["GPU"] = plan.gpus_per_worker
@@ -125,9 +131,9 @@ def run_trial(trial_config: dict, base_config: dict, plan: ResourcePlan, sweep_i
     diverged.unlink(missing_ok=True)  # from an earlier attempt (--retry-failed)
     result = trainer.fit()
     if diverged.is_file():
-        from .training import TrainingDivergedError
+        from pipeline.train.loop import TrainingDivergedError
         raise TrainingDivergedError(diverged.read_text())
     # Tell the driver where the artifacts and the best checkpoint are (it logs them to MLflow).
-    best = max(result.best_checkpoints, key=lambda item: item[1].get("pck", float("-inf")), default=None)
-    tune.report({ARTIFACT_ROW: artifacts_dir,
-                 "best_checkpoint_dir": best[0].path if best else ""})
+    best_epoch = result.metrics.get(names.BEST_EPOCH) if result.metrics else None
+    best = next((cp for cp, row in result.best_checkpoints if row.get(names.EPOCH) == best_epoch), None)
+    tune.report({names.ARTIFACTS_DIR: artifacts_dir, names.BEST_CHECKPOINT_DIR: best.path if best else ""})

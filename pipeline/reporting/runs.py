@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import math
 import re
-from collections import defaultdict
 from dataclasses import dataclass, field
 
 from mlflow import MlflowClient
 
-from . import tracking
+from pipeline.tracking import store
 
 # The paper's ablation axes: a run without one of these cannot be placed in any table.
 REQUIRED_PARAMS = ("stages", "receptive_field_px", "intermediate_supervision", "training_scheme")
@@ -28,7 +27,7 @@ _NOT_JOINTS = re.compile(r"^(stage\d+|0\.\d+|curve_.*)$")
 
 def collect_trial_runs(client: MlflowClient, experiment_id: str, parent_run_id: str | None = None) -> list[dict]:
     """One dict per trial run: run_id, name, status, params, metrics (latest values), error."""
-    query = f"tags.`{tracking.KIND_TAG}` = 'trial'"
+    query = f"tags.`{store.KIND_TAG}` = 'trial'"
     if parent_run_id:
         query += f" and tags.`mlflow.parentRunId` = '{parent_run_id}'"
     runs = []

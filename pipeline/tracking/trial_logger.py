@@ -15,24 +15,15 @@ from typing import Any
 from ray import tune
 
 from cpm_model.receptive_field import later_layout
+from pipeline.distributed.interrupts import SweepStopped, stop_requested
+from pipeline.distributed.space import TrialSpec, trial_of
+from pipeline.tracking import store
+from pipeline.tracking.writer import TrackingWriter, active_writer, metrics_op, ref_key, run_ref
+from pipeline.train import metric_names as names
 
-from . import tracking
-from .interrupts import SweepStopped, stop_requested
-from .sweep_space import make_trial
-from .tracking_writer import TrackingWriter, active_writer, metrics_op, ref_key, run_ref
-
-EPOCH_ROW = "train_loss"  # rows with it are per-epoch metrics; others are summaries
-ARTIFACT_ROW = "artifacts_dir"
-_SKIP = {"epoch", "training_iteration", "timestamp", "time_this_iter_s", "time_total_s", "pid",
+_SKIP = {names.EPOCH, "training_iteration", "timestamp", "time_this_iter_s", "time_total_s", "pid",
          "time_since_restore", "iterations_since_restore", "done", "trial_id", "date", "hostname",
-         "node_ip", "checkpoint_dir_name", "should_checkpoint", ARTIFACT_ROW, "best_checkpoint_dir"}
-
-
-def trial_overrides(trial_config: dict) -> dict[str, Any]:
-    """The dotted overrides of a Tune trial: its grid point plus any sampled search values."""
-    overrides = dict(trial_config["trial"]["overrides"])
-    overrides.update(trial_config.get("search", {}))
-    return overrides
+         "node_ip", "checkpoint_dir_name", "should_checkpoint", names.ARTIFACTS_DIR, names.BEST_CHECKPOINT_DIR}
 
 
 def cache_hash(path: str) -> str:
@@ -70,13 +61,13 @@ class MLflowTrialLogger(tune.Callback):
     never raising into Tune (an exception in a Tune callback ends the driver, or turns a trial
     that trained fine into ERROR)."""
 
-    def __init__(self, sweep_id: str, experiment_id: str, parent_run_id: str, base_config: dict,
+    def __init__(self, sweep_id: str, experiment_id: str, parent_run_id: str, specs: dict[str, TrialSpec],
                  cache_hashes: dict[str, dict[str, str]], extra_tags: dict[str, str],
                  repeats_grid_points: bool = False):
         self.sweep_id = sweep_id
         self.experiment_id = experiment_id
         self.parent_run_id = parent_run_id
-        self.base_config = base_config
+        self.specs = specs  # trial key -> spec, as the driver expanded the grid (public: no secrets)
         self.cache_hashes = cache_hashes  # trial key -> {split: cache file name}
         self.extra_tags = extra_tags
         # With num_samples > 1 one grid point runs several times: Tune's trial id tells them apart.
@@ -106,11 +97,9 @@ class MLflowTrialLogger(tune.Callback):
     # --- run lookup ------------------------------------------------------------------------
     def _identity(self, trial) -> tuple[Any, dict]:
         """(trial spec, run reference) of a Tune trial."""
-        from cpm_model.config import from_dict
-
-        spec = make_trial(from_dict(self.base_config), trial_overrides(trial.config))
+        spec = trial_of(self.specs, trial.config)
         key = f"{spec.key}-{trial.trial_id}" if self.repeats_grid_points else spec.key
-        return spec, run_ref(self.experiment_id, {tracking.SWEEP_TAG: self.sweep_id, tracking.TRIAL_TAG: key})
+        return spec, run_ref(self.experiment_id, {store.SWEEP_TAG: self.sweep_id, store.TRIAL_TAG: key})
 
     def _open(self, trial) -> dict:
         if trial.trial_id in self.refs:
@@ -118,8 +107,8 @@ class MLflowTrialLogger(tune.Callback):
         spec, ref = self._identity(trial)
         hashes = self.cache_hashes.get(spec.key, {})
         self.writer.submit({
-            "kind": "open", "run": ref, "run_name": spec.run_name, "history_key": EPOCH_ROW,
-            "tags": {tracking.KIND_TAG: "trial", "mlflow.parentRunId": self.parent_run_id,
+            "kind": "open", "run": ref, "run_name": spec.run_name, "history_key": names.TRAIN_LOSS,
+            "tags": {store.KIND_TAG: "trial", "mlflow.parentRunId": self.parent_run_id,
                      "cpm.overrides": str(spec.overrides), **self.extra_tags},
             "params": {k: str(v) for k, v in trial_params(spec, hashes).items()},
             "datasets": [{"name": f"{spec.config.data.spec} [{split}]", "path": path, "digest": cache_hash(path),
@@ -155,14 +144,16 @@ class MLflowTrialLogger(tune.Callback):
     def _log_result(self, trial, result: dict) -> None:
         ref = self._open(trial)
         metrics = {k: v for k, v in result.items() if k not in _SKIP and _is_number(v)}
-        if EPOCH_ROW in result:
-            epoch = int(result["epoch"])
+        if names.is_epoch_row(result):
+            epoch = int(result[names.EPOCH])
             if epoch <= self.last_epoch.get(trial.trial_id, 0):
                 return  # already logged before a restart
-            self.writer.submit(metrics_op(ref, metrics, epoch, EPOCH_ROW,
+            if result.get(names.BEST_EPOCH) == epoch:  # a new best: best_* = this epoch's values
+                metrics.update({names.BEST_PREFIX + k: v for k, v in metrics.items() if names.is_best_tracked(k)})
+            self.writer.submit(metrics_op(ref, metrics, epoch, names.TRAIN_LOSS,
                                           guard=not self.history_known.get(trial.trial_id, False)))
             self.last_epoch[trial.trial_id] = epoch
-        elif result.get(ARTIFACT_ROW):
+        elif result.get(names.ARTIFACTS_DIR):
             self._log_artifacts(ref, result)
         elif metrics:
             # A summary row (the test split) comes once per trial; a resumed trial may send it again.
@@ -170,20 +161,18 @@ class MLflowTrialLogger(tune.Callback):
             self.writer.submit(metrics_op(ref, metrics, int(result.get("epoch", 0) or 0), probe, guard=True))
 
     def _log_artifacts(self, ref: dict, result: dict) -> None:
-        directory = Path(result[ARTIFACT_ROW])
+        directory = Path(result[names.ARTIFACTS_DIR])
         if not directory.is_dir():  # storage the driver cannot see: leave a pointer
             self.writer.submit({"kind": "tags", "run": ref, "tags": {"cpm.artifacts_dir": str(directory)}})
             return
         paths = [str(path) for path in sorted(directory.iterdir()) if path.is_file()]
         self.writer.submit({"kind": "artifacts", "run": ref, "paths": paths})
-        if result.get("best_checkpoint_dir"):
+        if result.get(names.BEST_CHECKPOINT_DIR):
             self.writer.submit({"kind": "tags", "run": ref,
-                                "tags": {"cpm.best_checkpoint": str(result["best_checkpoint_dir"])}})
+                                "tags": {"cpm.best_checkpoint": str(result[names.BEST_CHECKPOINT_DIR])}})
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         ref = self._open(trial)
-        # best_* metrics: every metric's value at the epoch with the highest validation pck.
-        self.writer.submit({"kind": "best", "run": ref, "key": "pck"})
         planned = trial.config.get("trial", {}).get("epochs")
         if planned and self.last_epoch.get(trial.trial_id, 0) < planned:  # a scheduler (ASHA) stopped it
             self.writer.submit({"kind": "tags", "run": ref, "tags": {"cpm.stopped_early": "true"}})
@@ -216,7 +205,7 @@ class MLflowTrialLogger(tune.Callback):
         """The MLflow status of a trial's run (None: no run, or the store does not answer)."""
         ref = self._identity(trial)[1]
         try:
-            run = tracking.find_run(self.writer.client, ref["experiment_id"], ref["identity"])
+            run = store.find_run(self.writer.client, ref["experiment_id"], ref["identity"])
         except Exception:  # unknown: close it again (every write of the closing is idempotent)
             return None
         return run.info.status if run is not None else None
@@ -224,7 +213,7 @@ class MLflowTrialLogger(tune.Callback):
 
 def _stop_if_requested() -> None:
     """A stop signal whose exception was lost in Ray's C++ code stops the sweep at the next step
-    (its runs are already closed: pipeline.interrupts)."""
+    (its runs are already closed: pipeline.distributed.interrupts)."""
     signum = stop_requested()
     if signum is not None:
         raise SweepStopped(signum)

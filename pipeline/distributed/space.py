@@ -7,14 +7,16 @@ overrides and the sweep id) names its MLflow run, so a resumed or restarted tria
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
 from dataclasses import dataclass
 from typing import Any
 
-from cpm_model.config import ExperimentConfig
+from cpm_model.config import ExperimentConfig, from_dict
 from cpm_model.receptive_field import later_layout, receptive_field_px
+from pipeline.train.schedule import total_epochs
 
 # Short labels for run names, in the order they appear (the paper's ablation axes first).
 _RUN_NAME_LABELS = {
@@ -41,18 +43,16 @@ class TrialSpec:
     receptive_field_px: int  # of the last stage, computed from the layers
     relative_receptive_field: float  # receptive field / mean person size in the crop
 
+    def public(self) -> "TrialSpec":
+        """This spec with the tracking URI's secrets masked: the form that is handed to Tune, its
+        trials and their workers (and so pickled into the sweep's state on disk)."""
+        return dataclasses.replace(self, config=from_dict(self.config.public_dict()))
+
     def as_dict(self) -> dict[str, Any]:
         return {"overrides": self.overrides, "key": self.key, "run_name": self.run_name,
-                "epochs": planned_epochs(self.config),
+                "epochs": total_epochs(self.config),
                 "receptive_field_px": self.receptive_field_px,
                 "relative_receptive_field": self.relative_receptive_field}
-
-
-def planned_epochs(config: ExperimentConfig) -> int:
-    """Epochs a trial runs when nothing stops it (stage-wise schemes add fine-tuning epochs)."""
-    from pipeline.training import total_epochs
-
-    return total_epochs(config)
 
 
 def trial_key(overrides: dict[str, Any]) -> str:
@@ -101,6 +101,16 @@ def make_trial(base: ExperimentConfig, overrides: dict[str, Any]) -> TrialSpec:
         receptive_field_px=int(rf),
         relative_receptive_field=round(rf / person_size_px(config), 3),
     )
+
+
+def trial_of(specs: dict[str, TrialSpec], trial_config: dict) -> TrialSpec:
+    """The spec of a Tune trial, from its config ({"trial": grid point, "search": sampled values}):
+    the grid point's spec as `expand_grid` made it, or, where the sweep samples values
+    (sweep.search), that spec with the sampled values applied on top."""
+    spec = specs[trial_config["trial"]["key"]]
+    sampled = trial_config.get("search") or {}
+    # Re-applying the grid point's own overrides changes nothing; the key and name then cover both.
+    return make_trial(spec.config, {**spec.overrides, **sampled}) if sampled else spec
 
 
 def expand_grid(base: ExperimentConfig) -> list[TrialSpec]:

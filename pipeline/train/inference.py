@@ -1,0 +1,150 @@
+"""A trained CPM applied to images: the model of a config, the precision policy, test-time flip
+and scale averaging, decoding to original pixels, and one image end to end.
+
+Used by validation inside training, by `pipeline.evaluate` / `pipeline.predict`, and by the figures
+drawn after a run, so every path predicts the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from cpm_model import metrics as pck_metrics
+from cpm_model.augment import scale_about_centre_affines, warp
+from cpm_model.config import ExperimentConfig
+from cpm_model.geometry import apply_affine, crop_affine, invert_affine
+from cpm_model.heatmaps import decode_belief_maps
+from cpm_model.model import CPM
+
+
+def build_model(config: ExperimentConfig, num_parts: int) -> CPM:
+    """The CPM of a config (input size from the preprocessing section)."""
+    return CPM.from_config(config.model, num_parts=num_parts, input_size=config.preprocess.input_size)
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    """'auto': bf16 autocast on CPU (faster on these CPUs) and on CUDA devices that support it."""
+    if precision == "fp32":
+        return False
+    if precision == "bf16":
+        return True
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu"
+
+
+def autocast(precision: str, device: torch.device):
+    if use_bf16(precision, device):
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def image_tensor(images: np.ndarray, device: torch.device) -> torch.Tensor:
+    """uint8 images (N, S, S, 3) -> float (N, 3, S, S) in [0, 1] on `device` (the model's input)."""
+    return torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2).float() / 255.0
+
+
+def _forward(model: torch.nn.Module, images: torch.Tensor, precision: str) -> torch.Tensor:
+    with autocast(precision, images.device):
+        maps = model(images.contiguous(memory_format=torch.channels_last))
+    return maps.float()
+
+
+@torch.no_grad()
+def predict_belief_maps(model: torch.nn.Module, images: torch.Tensor, precision: str = "fp32",
+                        flip_permutation: Sequence[int] | None = None,
+                        scales: Sequence[float] | None = None) -> torch.Tensor:
+    """Belief maps (B, T, P+1, M, M) of float images (B, 3, S, S) in [0, 1].
+
+    flip_permutation: also run the mirrored images and average (maps flipped back, parts swapped).
+    scales: zoom each crop about its centre by each factor, resample the maps back to the
+    unzoomed grid, and average over scales.
+    """
+    scales = list(scales) if scales else [1.0]
+    size = images.shape[-1]
+    total = None
+    for scale in scales:
+        if scale == 1.0:
+            zoomed = images
+        else:
+            zoom = scale_about_centre_affines([scale] * images.shape[0], size)
+            zoomed = warp(images, zoom, size)
+        maps = _forward(model, zoomed, precision)
+        if flip_permutation is not None:
+            mirrored = _forward(model, zoomed.flip(-1), precision).flip(-1)
+            order = list(flip_permutation) + [maps.shape[2] - 1]  # background stays last
+            maps = 0.5 * (maps + mirrored[:, :, order])
+        if scale != 1.0:
+            # The zoom about the crop centre is the same zoom about the map centre in cell units.
+            batch, stages, channels, cells, _ = maps.shape
+            back = scale_about_centre_affines([1.0 / scale] * batch, cells)
+            maps = warp(maps.reshape(batch, stages * channels, cells, cells), back, cells)
+            maps = maps.reshape(batch, stages, channels, cells, cells)
+        total = maps if total is None else total + maps
+    return total / len(scales)
+
+
+def decode_all_stages(belief_maps: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """Belief maps (N, T, P+1, M, M) -> part locations (N, T, P, 2) in ORIGINAL image pixels."""
+    belief_maps = np.asarray(belief_maps, dtype=np.float32)
+    return np.stack([pck_metrics.decode_predictions(belief_maps[:, t], affine)
+                     for t in range(belief_maps.shape[1])], axis=1)
+
+
+def confusion_example(model: torch.nn.Module, cache, precision: str = "fp32", search: int = 64) -> dict:
+    """The first `search` crops of a cache with their maps, and the one that best shows a stage-1
+    left/right confusion fixed by a later stage (for the belief-map figure).
+
+    Returns {"rows", "images", "joints" (crop pixels), "belief_maps" (N, T, P+1, M, M),
+    "crop_xy" (N, T, P, 2) crop pixels, "pick" (an index into them)}; empty rows for an empty cache.
+    """
+    from pipeline.figures import pick_confusion_example  # drawing helpers, matplotlib only
+
+    rows = np.arange(min(search, len(cache)))
+    if len(rows) == 0:
+        return {"rows": rows}
+    data = cache.read(rows, keys=["images", "joints"])
+    was_training = model.training
+    model.eval()
+    try:
+        images = image_tensor(data["images"], next(model.parameters()).device)
+        maps = predict_belief_maps(model, images, precision).cpu().numpy()
+    finally:
+        model.train(was_training)
+    crop_xy, _ = decode_belief_maps(maps[:, :, :-1])
+    pick = pick_confusion_example(crop_xy, data["joints"], cache.joint_names, flip_pairs=cache.flip_pairs)
+    return {"rows": rows, "images": data["images"], "joints": data["joints"], "belief_maps": maps,
+            "crop_xy": crop_xy, "pick": pick}
+
+
+def dataset_kind(spec: str) -> str:
+    """'lspet' from 'lspet:/data/lspet' (the first dataset of a '+' spec)."""
+    return spec.split("+")[0].split(":")[0].strip().lower()
+
+
+def predict_image(model, config: ExperimentConfig, image: np.ndarray, center: np.ndarray | None = None,
+                  flip_permutation=None, device=None) -> dict:
+    """One person in one RGB image, cropped as evaluation crops are (no ground truth): around the
+    image centre (or `center`) with a side derived from the image size.
+
+    Returns {'joints': (P, 2) original pixels, 'confidence': (P,), 'belief_maps': (T, P+1, M, M),
+    'crop': (S, S, 3), 'affine': crop -> original}."""
+    from preprocessing import crops
+
+    size = config.preprocess.input_size
+    image_hw = image.shape[:2]
+    side = crops.image_crop_side(image_hw, config.preprocess.crop_context,
+                                 crops.person_to_image_ratio(dataset_kind(config.data.spec)))
+    centre = crops.image_center(image_hw) if center is None else center
+    to_crop = crop_affine(centre, side, size)
+    crop = crops.warp_image(image, to_crop, size)
+    tensor = image_tensor(crop[None], device or next(model.parameters()).device)
+    maps = predict_belief_maps(model, tensor, config.train.precision, flip_permutation)[0].cpu().numpy()
+    crop_xy, peaks = decode_belief_maps(maps[-1, :-1])
+    to_original = invert_affine(to_crop)
+    return {"joints": apply_affine(crop_xy, to_original), "confidence": peaks, "belief_maps": maps,
+            "crop": crop, "affine": to_original}
