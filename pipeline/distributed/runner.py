@@ -92,7 +92,7 @@ def _checkout_runtime_env() -> dict | None:
         metadata.distribution("cpm-pipeline")
         return None
     except metadata.PackageNotFoundError:
-        repo_root = str(Path(__file__).resolve().parents[1])
+        repo_root = str(Path(__file__).resolve().parents[2])
         path = os.pathsep.join(p for p in (repo_root, os.environ.get("PYTHONPATH", "")) if p)
         return {"env_vars": {"PYTHONPATH": path}}
 

@@ -32,7 +32,7 @@ def worker_loop(loop_config: dict) -> None:
     from pipeline.distributed.node_versions import check_worker_versions
     from pipeline.distributed.ray_context import RayTrainContext
 
-    from .training import TrainingDivergedError, train_worker
+    from pipeline.train.loop import TrainingDivergedError, train_worker
 
     _quiet_train_reports()
     # A node that joined after the sweep's start was not checked there.

@@ -186,7 +186,7 @@ def get_or_create_run(client: MlflowClient, experiment_id: str, identity: dict[s
 def provenance_tags() -> dict[str, str]:
     """The git commit of the code and the versions of the packages that shape the results."""
     tags: dict[str, str] = {}
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
                                 timeout=5).stdout.strip()
