@@ -82,7 +82,9 @@ def fit(args) -> int:
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
     (out / "config.yaml").write_text(config.to_yaml())
     # Two newest (plus the best) as Ray's num_to_keep=2: a corrupt newest one leaves one to resume from.
-    ctx = LocalContext(out, device=args.device, resume=args.resume, keep_checkpoints=2)
+    # A bar on a terminal; in a log (no terminal) a line about once a minute, for long epochs only.
+    ctx = LocalContext(out, device=args.device, resume=args.resume, keep_checkpoints=2,
+                       progress=None if args.quiet else "bar" if sys.stderr.isatty() else "line")
     print(f"{config.name}: data {config.data.spec}, {config.model.stages} stages, input "
           f"{config.preprocess.input_size} px, device {ctx.device}, torch threads {torch.get_num_threads()}", flush=True)
     start = time.perf_counter()

@@ -16,6 +16,7 @@ from pipeline.distributed import identity as sweep_identity
 from pipeline.distributed.cluster_capacity import cluster_capacity
 from pipeline.distributed.interrupts import SweepStopped, stop_requested, stop_signals
 from pipeline.distributed.node_versions import VersionMismatchError, check_cluster_versions
+from pipeline.distributed.progress import SweepProgress
 from pipeline.distributed.resources import TRIAL_DRIVER_RESOURCES, ResourceError, plan_resources
 from pipeline.distributed.space import TrialSpec
 from pipeline.distributed.trial import run_trial
@@ -175,6 +176,8 @@ def _configure_tune() -> None:
     os.environ.setdefault("TUNE_WARN_THRESHOLD_S", "5")
     # SIGINT stops the sweep like SIGTERM (pipeline.distributed.interrupts), not through Tune's own handler.
     os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
+    # Tune's newer console output takes no progress reporter: the sweep prints its own table.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     bound_http_retries()
 
 
@@ -256,7 +259,8 @@ def _new_tuner(config: ExperimentConfig, specs: list[TrialSpec], trainable, logg
                                     trial_name_creator=lambda t: t.config["trial"]["run_name"].replace(" ", "_"),
                                     trial_dirname_creator=lambda t: f"trial_{t.trial_id}"),
         run_config=tune.RunConfig(name=sweep_id, storage_path=str(storage), callbacks=[logger],
-                                  failure_config=tune.FailureConfig(max_failures=0)),
+                                  failure_config=tune.FailureConfig(max_failures=0), verbose=1,
+                                  progress_reporter=SweepProgress({t.key: t for t in specs})),
     )
 
 
@@ -283,8 +287,9 @@ def _finish(runs: SweepRuns, results, sweep_id: str) -> SweepOutcome:
     writer.drain(DRAIN_TIMEOUT_S)  # the report reads every trial's run
     # A trial Tune left unfinished (its stop signal, SIGUSR1) keeps no open run either.
     stopped = writer.close_open_runs("KILLED", "the sweep ended before this trial did")
-    table = _report_to_parent_run(runs.client, runs.experiment_id, runs.parent_run_id)
-    print("\n" + table, flush=True)
+    table, has_report = _report_to_parent_run(runs.client, runs.experiment_id, runs.parent_run_id)
+    where = store.where_to_look(runs.client.tracking_uri, runs.experiment_id, runs.parent_run_id, has_report)
+    print(f"\n{table}\n{where}", flush=True)
     writer.submit({"kind": "tags", "run": runs.parent_ref, "tags": {"cpm.failed_trials": str(len(failed))}})
     writer.submit({"kind": "status", "run": runs.parent_ref, "status": "KILLED" if stopped else "FINISHED"})
     writer.drain(DRAIN_TIMEOUT_S)
@@ -303,9 +308,10 @@ def _end_runs(writer: TrackingWriter, parent_ref: dict, status: str, reason: str
                + ("" if sent else " (queued: not sent yet)"))
 
 
-def _report_to_parent_run(client: MlflowClient, experiment_id: str, parent_run_id: str) -> str:
+def _report_to_parent_run(client: MlflowClient, experiment_id: str, parent_run_id: str) -> tuple[str, bool]:
     """The full report (pipeline.report) as artifacts of the sweep's run; returns the stage / RF
-    table to print. A report that cannot be built must not fail a finished sweep."""
+    table to print, and whether the report was written. A report that cannot be built must not
+    fail a finished sweep."""
     import tempfile
 
     from pipeline.reporting.runs import collect_trial_runs
@@ -316,9 +322,9 @@ def _report_to_parent_run(client: MlflowClient, experiment_id: str, parent_run_i
         try:
             report = build_report(runs, Path(tmp))
         except ReportError as exc:
-            return f"No ablation report: {exc}"
+            return f"No ablation report: {exc}", False
         except Exception as exc:  # a figure or store hiccup: say so, keep the sweep's result
-            return f"No ablation report ({type(exc).__name__}: {exc})"
+            return f"No ablation report ({type(exc).__name__}: {exc})", False
         client.log_artifacts(parent_run_id, tmp, "report")
         stages, receptive_field = report.tables[:2]
-        return to_markdown(stages, []) + "\n" + to_markdown(receptive_field, report.excluded)
+        return to_markdown(stages, []) + "\n" + to_markdown(receptive_field, report.excluded), True

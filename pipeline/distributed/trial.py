@@ -31,7 +31,6 @@ def worker_loop(loop_config: dict) -> None:
     from pipeline.distributed import cache_sync
     from pipeline.distributed.node_versions import check_worker_versions
     from pipeline.distributed.ray_context import RayTrainContext
-
     from pipeline.train.loop import TrainingDivergedError, train_worker
 
     _quiet_train_reports()
@@ -56,8 +55,7 @@ def worker_loop(loop_config: dict) -> None:
             (directory / DIVERGED_FILE).write_text(str(exc))
         return
     if ctx.is_chief:  # the run's storage is shared by every node, so the chief writes there directly
-        val_cache = cache_paths["val"] if cache_paths else result.get("val_cache")
-        _write_artifacts(Path(loop_config["artifacts_dir"]), result, config, val_cache)
+        _write_artifacts(Path(loop_config["artifacts_dir"]), result, config)
 
 
 def _quiet_train_reports() -> None:

@@ -79,6 +79,18 @@ def is_database_uri(uri: str) -> bool:
     return uri.split("://", 1)[0].split("+", 1)[0] in ("postgresql", "mysql", "mssql")
 
 
+def where_to_look(uri: str, experiment_id: str, run_id: str, has_report: bool = True) -> str:
+    """One line naming the sweep's report (its run's `report/` artifacts) and how to open it in
+    the MLflow UI: the run's page on a tracking server, else the `mlflow ui` command for the store."""
+    shown = redact_uri(uri)
+    if uri.startswith(("http://", "https://")):
+        ui = f"{shown.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    else:
+        ui = f"mlflow ui --backend-store-uri {shown}"
+    report = f"artifacts report/ of sweep run {run_id}" if has_report else f"none (sweep run {run_id})"
+    return f"Report: {report}; MLflow UI: {ui}"
+
+
 def check_reachable(uri: str, timeout_s: float = 5.0, answer_timeout_s: float = 60.0) -> None:
     """Fail fast, before any trial starts, when the tracking store does not answer: one bounded try
     where MLflow's clients retry for minutes (7 HTTP retries with back-off; 10 attempts, about

@@ -20,6 +20,7 @@ import torch
 
 from pipeline.train import metric_names as names
 from pipeline.train.checkpoint import copy_durably
+from pipeline.train.progress import NoProgress, ProgressBar, ProgressLine
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -67,6 +68,10 @@ class WorkerContext:
         latest = self.restore_checkpoint_dir()
         return [latest] if latest is not None else []
 
+    def epoch_progress(self, epoch: int, epochs: int, steps: int, batch_size: int):
+        """What shows an epoch's progress: by default the chief's line about once a minute."""
+        return ProgressLine(epoch, epochs, steps) if self.is_chief else NoProgress()
+
 
 def default_device() -> torch.device:
     return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
@@ -78,12 +83,14 @@ class LocalContext(WorkerContext):
     (the `best_epoch` every row carries), as Ray's CheckpointConfig does.
 
     `report` prints a row per call (unless quiet) and passes the metrics to `on_report`.
+    `progress`: "bar" (a tqdm bar per epoch), "line" (a line about once a minute) or None.
     With `resume=True`, `restore_checkpoint_dirs` lists the saved checkpoints, newest first.
     """
 
     def __init__(self, out_dir: str | Path | None = None, device: torch.device | str | None = None,
                  resume: bool = False, keep_checkpoints: int = 1,
-                 on_report: Callable[[dict, str | None], None] | None = None, quiet: bool = False):
+                 on_report: Callable[[dict, str | None], None] | None = None, quiet: bool = False,
+                 progress: str | None = None):
         self.rank = 0
         self.world_size = 1
         self.device = torch.device(device) if device is not None else default_device()
@@ -93,6 +100,7 @@ class LocalContext(WorkerContext):
         self.best_epoch: int | None = None
         self.on_report = on_report
         self.quiet = quiet
+        self.progress = progress
         self.history: list[dict] = []
         self.saved: list[Path] = []  # epoch directories written, in report order
         self._printed_header = False
@@ -136,6 +144,11 @@ class LocalContext(WorkerContext):
             if path not in newest and path != best:
                 shutil.rmtree(path, ignore_errors=True)
         self.saved = [path for path in self.saved if path in newest or path == best]
+
+    def epoch_progress(self, epoch: int, epochs: int, steps: int, batch_size: int):
+        if self.progress == "bar":
+            return ProgressBar(epoch, epochs, steps, batch_size)
+        return ProgressLine(epoch, epochs, steps) if self.progress == "line" else NoProgress()
 
     def checkpoint_dirs(self) -> list[Path]:
         """Saved epoch directories holding a checkpoint file, oldest first (temp ones never match)."""

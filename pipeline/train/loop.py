@@ -39,6 +39,7 @@ from pipeline.train.checkpoint import (
 )
 from pipeline.train.context import CHECKPOINT_FILE, WorkerContext
 from pipeline.train.inference import autocast, build_model
+from pipeline.train.progress import NoProgress
 from pipeline.train.schedule import (
     PhaseSchedule,
     make_optimizer,
@@ -147,10 +148,10 @@ def report_with_checkpoint(ctx: WorkerContext, metrics: dict, checkpoint: dict |
 # --- one epoch ------------------------------------------------------------------------------------
 
 def train_one_epoch(model, optimizer, scheduler, batches, config: ExperimentConfig, stage: int | None,
-                    device) -> dict:
+                    device, progress=NoProgress()) -> dict:
     """One pass over this rank's batches; returns summed losses and counts (not yet reduced).
     `stage` None trains on every stage's loss (or the last one's without intermediate supervision);
-    stage t (stage-wise training) on stage t's alone."""
+    stage t (stage-wise training) on stage t's alone. `progress.step(images)` follows each step."""
     t = config.train
     # Sums stay on the device in float64 (what float() summed on the host): no sync per step.
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -182,6 +183,8 @@ def train_one_epoch(model, optimizer, scheduler, batches, config: ExperimentConf
         first_bad_step = torch.where(new_bad, steps, first_bad_step)
         first_bad_is_nan = torch.where(new_bad, torch.isnan(loss.detach()), first_bad_is_nan)
         images_seen += images.shape[0]
+        progress.step(images.shape[0])
+    progress.close()
     return {"loss_sum": float(loss_sum), "stage_loss_sum": stage_loss_sum.cpu().numpy(), "steps": steps,
             "images": images_seen, "first_bad_step": first_bad_step, "first_bad_is_nan": first_bad_is_nan}
 
@@ -287,7 +290,8 @@ def train_worker(config: ExperimentConfig | dict, ctx: WorkerContext, progress: 
             train_model, wrapped_for = compiled_for_training(ctx.wrap_model(model), t.compile), phase.stage
         epoch_start = time.perf_counter()
         batches = epoch_batches(train_cache, config, ctx.rank, ctx.world_size, epoch, flip_permutation, device)
-        sums = train_one_epoch(train_model, optimizer, state.scheduler, batches, config, phase.stage, device)
+        progress = ctx.epoch_progress(epoch + 1, epochs, len(batches), t.batch_size)
+        sums = train_one_epoch(train_model, optimizer, state.scheduler, batches, config, phase.stage, device, progress)
         train_seconds = time.perf_counter() - epoch_start
         reduced = ctx.all_reduce_sum(np.concatenate([[sums["loss_sum"], sums["steps"], sums["images"], train_seconds],
                                                      sums["stage_loss_sum"]]))

@@ -1,0 +1,72 @@
+"""The sweep's progress table in the driver's output: one row per trial with its configuration in
+short columns and its epoch, validation PCK and best PCK, finished trials included.
+
+Tune's own table shows the grid point as one truncated dict and reads its metric cells from each
+trial's last row (for a finished trial, the artifacts row, which carries no metric). This one reads
+the configuration from the trial specs and the metrics from every row Tune has seen.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+from ray import tune
+
+from cpm_model.receptive_field import later_layout
+from pipeline.distributed.space import TrialSpec, trial_of
+from pipeline.train import metric_names as names
+
+COLUMNS = ("#", "stages", "RF px", "kernel", "IS", "seed", "status", "epoch", "pck", "best pck")
+
+
+def _pct(value) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f}"
+
+
+def _progress_of(trial) -> tuple[str, str, str]:
+    """(epochs done, last validation PCK, best validation PCK) from every row Tune has seen."""
+    analysis = getattr(trial, "metric_analysis", {}) or {}
+    epoch = analysis.get(names.EPOCH, {}).get("max")
+    pck = analysis.get(names.PCK, {})
+    return (str(int(epoch)) if epoch is not None else "-", _pct(pck.get("last")), _pct(pck.get("max")))
+
+
+def trial_row(index: int, spec: TrialSpec, status: str, progress: tuple[str, str, str]) -> list[str]:
+    model, train = spec.config.model, spec.config.train
+    kernel, _ = later_layout(model.backbone, model.later_kernel, model.later_convs)
+    return [str(index), str(model.stages), str(spec.receptive_field_px), str(kernel),
+            "on" if train.intermediate_supervision else "off", str(train.seed), status, *progress]
+
+
+def format_table(rows: list[list[str]]) -> str:
+    widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(COLUMNS)]
+    line = lambda cells: "  ".join(cell.rjust(width) for cell, width in zip(cells, widths))  # noqa: E731
+    return "\n".join([line(COLUMNS), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+
+
+class SweepProgress(tune.ProgressReporter):
+    """Prints the table every `every_s` seconds while anything changed, and once at the end."""
+
+    def __init__(self, specs: dict[str, TrialSpec], every_s: float = 30.0):
+        self.specs = specs
+        self.every_s = every_s
+        self._last_time = -math.inf
+        self._last_table = None
+
+    def should_report(self, trials, done: bool = False) -> bool:
+        return done or time.monotonic() - self._last_time >= self.every_s
+
+    def report(self, trials, done: bool, *sys_info: str) -> None:
+        rows = [trial_row(i, trial_of(self.specs, t.config), t.status, _progress_of(t))
+                for i, t in enumerate(sorted(trials, key=lambda t: t.trial_id))]
+        table = format_table(rows)
+        self._last_time = time.monotonic()
+        if table == self._last_table and not done:
+            return
+        self._last_table = table
+        counts = {}
+        for t in trials:
+            counts[t.status] = counts.get(t.status, 0) + 1
+        summary = ", ".join(f"{n} {status.lower()}" for status, n in sorted(counts.items()))
+        print(f"\nTrials: {summary}\n{table}", flush=True)
