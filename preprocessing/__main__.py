@@ -23,6 +23,7 @@ from cpm_model.config import ConfigError, add_config_arguments, load_config
 from .build import SPLITS, build_caches_with_status
 from .cache import CacheDamagedError, check_cache
 from .datasets.base import DatasetError
+from .datasets.splits import ALL_SPLITS
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -34,7 +35,7 @@ def make_parser() -> argparse.ArgumentParser:
     build.add_argument("--out", default=None, help="cache directory (default: the config's data.cache_dir)")
     build.add_argument("--size", type=int, default=None, help="crop side in pixels (preprocess.input_size)")
     build.add_argument("--sigma", type=float, default=None, help="belief-map Gaussian in heatmap cells")
-    build.add_argument("--split", choices=(*SPLITS, "all"), default="train", help="split to build; all = "
+    build.add_argument("--split", choices=(*SPLITS, ALL_SPLITS), default="train", help="split to build; all = "
                                                                                   "train, val and test")
     build.add_argument("--workers", type=int, default=None, help="processes; 0 = all cores")
     build.add_argument("--max-samples", type=int, default=None, help="keep the first N samples of each split")
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.max_samples is not None and args.max_samples < 1:
             raise ConfigError(f"--max-samples must be a positive integer, got {args.max_samples}")
-        splits = SPLITS if args.split == "all" else (args.split,)
+        splits = SPLITS if args.split == ALL_SPLITS else (args.split,)
         results = build_caches_with_status(config.data.spec, splits, config.preprocess, config.data.cache_dir,
                                            strict=args.strict, progress=not args.quiet,
                                            max_samples=args.max_samples, skip_empty=len(splits) > 1)

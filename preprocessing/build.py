@@ -40,10 +40,10 @@ from . import crops
 from .cache import (LAYOUT, CacheDamagedError, CacheWriter, cache_file_name, cache_key, check_cache,
                     full_check_is_cheap, stale_temp_files, temp_path_for)
 from .datasets.base import DatasetError, PoseDataset, SampleSkipped
+from .datasets.splits import SPLITS
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
 WRITE_BLOCK = 64  # samples per write; also bounds how far workers may run ahead (x IN_FLIGHT_BLOCKS)
 IN_FLIGHT_BLOCKS = 4
 MAX_SKIP_EXAMPLES = 5

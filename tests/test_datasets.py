@@ -14,8 +14,8 @@ import pytest
 import scipy.io
 
 from cpm_model.joints import LSP, MPII
-from preprocessing.datasets import (DatasetError, LSPDataset, LSPETDataset, MPIIDataset, SampleSkipped,
-                                    hash_bucket, hashed_split_indices, split_of_name)
+from preprocessing.datasets import (ALL_SPLITS, SPLITS, DatasetError, LSPDataset, LSPETDataset, MPIIDataset,
+                                    SampleSkipped, hash_bucket, hashed_split_indices, split_of_name)
 from preprocessing.datasets.lsp import lsp_split_indices
 from preprocessing.datasets.mpii import HEAD_SIZE_FACTOR
 
@@ -164,10 +164,15 @@ def test_lspet_split_is_stable_when_images_are_appended(tmp_path, lspet_dir):
 
 def test_hashed_split_indices_of_ids():
     ids = [f"synthetic-{i:06d}" for i in range(2000)]
-    counts = {split: len(hashed_split_indices(ids, split)) for split in ("train", "val", "test")}
+    parts = {split: hashed_split_indices(ids, split) for split in SPLITS}
+    counts = {split: len(indices) for split, indices in parts.items()}
     assert sum(counts.values()) == 2000
     assert 0.76 < counts["train"] / 2000 < 0.84 and 0.07 < counts["val"] / 2000 < 0.13
     assert 0.07 < counts["test"] / 2000 < 0.13
+    # ALL_SPLITS is the union of the three, and the only other name accepted
+    np.testing.assert_array_equal(np.sort(np.concatenate(list(parts.values()))), hashed_split_indices(ids, ALL_SPLITS))
+    with pytest.raises(DatasetError, match=r"unknown split 'dev'; expected one of \['train', 'val', 'test', 'all'\]"):
+        hashed_split_indices(ids, "dev")
 
 
 # --- LSPET bad input -------------------------------------------------------------------------------

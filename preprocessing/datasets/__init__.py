@@ -3,10 +3,10 @@ from .base import DatasetError, PoseDataset, PoseSample, SampleSkipped
 from .lsp import LSPDataset
 from .lspet import LSPETDataset
 from .mpii import MPIIDataset
-from .splits import SPLITS, hash_bucket, hashed_split_indices, split_of_name
+from .splits import ALL_SPLITS, SPLITS, hash_bucket, hashed_split_indices, split_of_name
 
 __all__ = [
     "DatasetError", "PoseDataset", "PoseSample", "SampleSkipped",
     "LSPDataset", "LSPETDataset", "MPIIDataset",
-    "SPLITS", "hash_bucket", "hashed_split_indices", "split_of_name",
+    "SPLITS", "ALL_SPLITS", "hash_bucket", "hashed_split_indices", "split_of_name",
 ]
