@@ -18,9 +18,9 @@ import numpy as np
 
 from cpm_model.joints import JointSet
 
-from .datasets.base import DatasetError, PoseDataset, PoseSample
+from .datasets.base import DatasetError, PoseDataset, PoseSample, check_index
 from .datasets.lsp import LSPDataset
-from .datasets.lspet import LSPETDataset, check_index
+from .datasets.lspet import LSPETDataset
 from .datasets.mpii import MPIIDataset
 from .datasets.splits import check_split
 

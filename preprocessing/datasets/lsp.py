@@ -18,8 +18,7 @@ import numpy as np
 
 from cpm_model.joints import LSP
 
-from .base import DatasetError
-from .lspet import NumberedImageDataset, check_joints, check_numeric_3d
+from .base import DatasetError, NumberedImageDataset, check_joints, check_numeric_3d
 from .splits import official_split_indices
 
 NUM_OFFICIAL_TRAIN = 1000  # images 1-1000 are LSP's training set

@@ -35,9 +35,8 @@ import numpy as np
 
 from cpm_model.joints import MPII
 
-from .base import DatasetError, PoseSample
-from .lspet import (READER_VERSION, check_index, file_stamp, list_image_files, read_mat_variable,
-                    read_rgb_image, resolve_dataset_root)
+from .base import (READER_VERSION, DatasetError, PoseSample, check_index, file_stamp, list_image_files,
+                   read_mat_variable, read_rgb_image, resolve_dataset_root)
 from .splits import official_split_indices
 
 ANNOTATION_DIRS = ("annot", "annotations", ".")

@@ -59,7 +59,7 @@ import numpy as np
 
 from cpm_model.joints import LSP
 
-from .base import DatasetError, PoseSample
+from .base import DatasetError, PoseSample, check_index
 from .splits import check_split, hashed_split_indices, split_of_name
 
 # Bump whenever the images or joints produced for a given (seed, index, image_size) change: the
@@ -388,12 +388,6 @@ class SyntheticDataset:
             "version": GENERATOR_VERSION,
         }
 
-    def _check_index(self, index: int) -> int:
-        index = int(index)
-        if not 0 <= index < self.num_samples:
-            raise IndexError(f"synthetic sample index {index} out of range [0, {self.num_samples})")
-        return index
-
     def _figure(self, index: int) -> _Figure:
         # Pose and appearance use separate streams, so sample() never needs to draw anything.
         return _sample_figure(np.random.default_rng([self.seed, index, 0]), self.image_size)
@@ -411,7 +405,7 @@ class SyntheticDataset:
         return hashed_split_indices((self.sample_id(i) for i in range(self.num_samples)), split)
 
     def sample(self, index: int) -> PoseSample:
-        index = self._check_index(index)
+        index = check_index(index, self.num_samples)
         fig = self._figure(index)
         joints = np.ones((14, 3), dtype=np.float64)
         joints[:, :2] = fig.joints
@@ -427,7 +421,7 @@ class SyntheticDataset:
         )
 
     def load_image(self, index: int) -> np.ndarray:
-        index = self._check_index(index)
+        index = check_index(index, self.num_samples)
         fig = self._figure(index)
         rng = np.random.default_rng([self.seed, index, 1])
         look = _sample_look(rng, fig.height_px)
