@@ -203,7 +203,7 @@ def part_memory(figures, args, tmp: Path) -> None:
                              capture_output=True, text=True).stdout
         caches[label] = Path(out.strip().splitlines()[-1].split("\t")[-1])
     max_steps = 20 if args.quick else None  # the full run trains a whole epoch over every sample
-    overrides = [f"preprocess.input_size=128", "train.precision=auto"]
+    overrides = ["preprocess.input_size=128", "train.precision=auto"]
     small = speed.peak_rss_of_worker(str(REPO / REFERENCE_PRESET), overrides, caches["1000"], max_steps)
     large = speed.peak_rss_of_worker(str(REPO / REFERENCE_PRESET), overrides, caches["full"], max_steps)
     report(figures, figure("worker_peak_rss", large["peak_rss_mib"], "MiB", small["peak_rss_mib"],

@@ -26,7 +26,6 @@ as it learns to read the front/back cue; a run much shorter than about 2 minutes
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path

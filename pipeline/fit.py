@@ -24,8 +24,8 @@ import torch
 
 from cpm_model.config import add_config_arguments
 from pipeline.cli import config_from_args, report_input_errors
-from pipeline.train.checkpoint import copy_durably
-from pipeline.train.context import CHECKPOINT_FILE, LocalContext
+from pipeline.train.checkpoint import CHECKPOINT_FILE, copy_durably
+from pipeline.train.context import LocalContext
 from pipeline.train.inference import confusion_example
 from pipeline.train.loop import TrainingDivergedError, train_worker
 

@@ -49,6 +49,13 @@ class RayTrainContext(WorkerContext):
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.train.report(_scalars(metrics), checkpoint=checkpoint)
 
+    def report_restored(self, rows: list[dict]) -> None:
+        """Sent again (every rank, no checkpoint): a sweep driver stopped between Ray Train's
+        checkpoint of an epoch and that epoch's row never logged the row; its tracking callback
+        logs the ones its run lacks and skips the others."""
+        for row in rows:
+            ray.train.report(_scalars(row))
+
     def restore_checkpoint_dir(self) -> str | None:
         if self._restored is None:
             return None
@@ -71,7 +78,7 @@ class RayTrainContext(WorkerContext):
 def older_sibling_checkpoints(latest: str) -> list[str]:
     """The other `checkpoint_*` directories next to `latest` that hold a checkpoint file, newest
     first (by the file's modification time: Ray writes them once, in report order)."""
-    from pipeline.train.context import CHECKPOINT_FILE
+    from pipeline.train.checkpoint import CHECKPOINT_FILE
 
     parent = os.path.dirname(os.path.abspath(latest))
     found = []

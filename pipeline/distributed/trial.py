@@ -74,14 +74,14 @@ def _write_artifacts(directory: Path, result: dict, config) -> None:
     """Best weights (a checkpoint `pipeline.evaluate` reads), the config, the learning curve and
     the belief maps per stage, for the driver to log to MLflow."""
     from pipeline.figures import belief_maps_figure, learning_curve_figure
-    from pipeline.train.checkpoint import build_checkpoint, save_checkpoint
+    from pipeline.train.checkpoint import BEST_MODEL_FILE, build_checkpoint, save_checkpoint
     from pipeline.train.inference import confusion_example
 
     directory.mkdir(parents=True, exist_ok=True)
     model = result["model"]
     save_checkpoint(build_checkpoint(model, config, epoch=result["best_epoch"] or 0, metrics=result["history"],
                                      best_epoch=result["best_epoch"], joint_names=result["joint_names"]),
-                    directory / "best_model.pt")
+                    directory / BEST_MODEL_FILE)
     (directory / "config.yaml").write_text(config.to_yaml())
     try:  # a picture must never fail a finished run
         learning_curve_figure(result["history"], directory / "learning_curve.png")
@@ -118,7 +118,7 @@ def run_trial(trial_config: dict, specs: dict[str, TrialSpec], plan: ResourcePla
             name=run_name,
             storage_path=storage_path,
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="pck",
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=names.PCK,
                                                          checkpoint_score_order="max"),
             callbacks=[TuneReportCallback()],
             # Tune's progress table shows the metrics; Train's per-report INFO lines repeat them all.

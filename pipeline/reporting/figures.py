@@ -12,6 +12,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
 from pipeline.reporting.runs import CURVE_PREFIX, SCHEME_LABELS, ConfigGroup, Stat, curve_alphas  # noqa: E402
+from pipeline.train import metric_names as names  # noqa: E402
 
 PCK_AXIS = "PCK@0.2 (%, val, best epoch)"
 
@@ -109,7 +110,7 @@ def stage_pck_figure(groups: list[ConfigGroup], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for g in (g for g in groups if g.stages == deepest):
         stages = list(range(1, deepest + 1))
-        _errorbar(ax, stages, [g.val(f"pck_stage{t}") for t in stages], label=g.label())
+        _errorbar(ax, stages, [g.val(names.pck_stage_key(t)) for t in stages], label=g.label())
     ax.set_xlabel("stage t of the deepest model")
     ax.set_ylabel(PCK_AXIS)
     ax.set_title(f"PCK of every stage ({deepest}-stage models)")

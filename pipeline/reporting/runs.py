@@ -9,12 +9,13 @@ from dataclasses import dataclass, field
 from mlflow import MlflowClient
 
 from pipeline.tracking import store
+from pipeline.train import metric_names as names
 
 # The paper's ablation axes: a run without one of these cannot be placed in any table.
 REQUIRED_PARAMS = ("stages", "receptive_field_px", "intermediate_supervision", "training_scheme")
 # Settings that make two runs different configurations; seeds are pooled, everything else is shown.
 CONFIG_PARAMS = REQUIRED_PARAMS + ("receptive_field_rel_person", "kernel_size", "width", "input_size", "dataset")
-CURVE_PREFIX = "test_pck_curve_a"
+CURVE_PREFIX = names.TEST_CURVE_PREFIX
 SCHEME_LABELS = {  # (training_scheme, intermediate_supervision) -> how the paper names it
     ("joint", True): "joint, intermediate supervision",
     ("joint", False): "joint, no intermediate supervision",

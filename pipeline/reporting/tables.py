@@ -21,6 +21,7 @@ from pipeline.reporting.runs import (
     varying_settings,
 )
 from pipeline.tracking import store
+from pipeline.train import metric_names as names
 
 # The paper's own numbers (Wei et al., CVPR 2016), each with the protocol it was measured under:
 # ours are on another split, resolution and training set, so they sit beside, never against, these.
@@ -174,7 +175,7 @@ def supervision_table(groups: list[ConfigGroup]) -> Table:
     for g in sorted(groups, key=lambda g: (g.stages, g.rf_px, g.scheme, not g.supervised)):
         table.rows.append([g.stages, g.rf_px, SCHEME_LABELS.get((g.scheme, g.supervised), g.scheme),
                            "on" if g.supervised else "off", *extra_of(g), len(g.runs), g.val(),
-                           g.stat("test_pck"), g.val("pck_stage1")])
+                           g.stat("test_pck"), g.val(names.pck_stage_key(1))])
     return table
 
 
@@ -185,7 +186,7 @@ def stage_pck_table(groups: list[ConfigGroup]) -> Table:
     table = Table("stage_pck", f"PCK@0.2 (%, val, best epoch) of every stage of the deepest model ({deepest} stages)",
                   ["stage", *[g.label() for g in chosen]])
     for t in range(1, deepest + 1):
-        table.rows.append([t, *[g.val(f"pck_stage{t}") for g in chosen]])
+        table.rows.append([t, *[g.val(names.pck_stage_key(t)) for g in chosen]])
     return table
 
 

@@ -42,6 +42,8 @@ import torch
 from cpm_model.config import ConfigError, ExperimentConfig, from_dict
 
 FORMAT_VERSION = 1
+CHECKPOINT_FILE = "checkpoint.pt"  # the file in every checkpoint directory (epoch_NNNN/, Ray's checkpoint_*/)
+BEST_MODEL_FILE = "best_model.pt"  # a trial's best weights, logged as an MLflow artifact
 CRC_KEY = "tensor_crc32"
 
 log = logging.getLogger(__name__)
@@ -212,7 +214,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     missing, unreadable or its tensors fail their checksum, CheckpointError when it is no checkpoint."""
     path = Path(path)
     if path.is_dir():
-        path = path / "checkpoint.pt"
+        path = path / CHECKPOINT_FILE
     if not path.is_file():
         raise CorruptCheckpointError(f"checkpoint {path} does not exist")
     try:

@@ -19,10 +19,8 @@ import numpy as np
 import torch
 
 from pipeline.train import metric_names as names
-from pipeline.train.checkpoint import copy_durably
+from pipeline.train.checkpoint import CHECKPOINT_FILE, copy_durably
 from pipeline.train.progress import NoProgress, ProgressBar, ProgressLine
-
-CHECKPOINT_FILE = "checkpoint.pt"
 
 
 class WorkerContext:
@@ -61,6 +59,10 @@ class WorkerContext:
     def restore_checkpoint_dir(self) -> str | None:
         """A directory holding the checkpoint to resume from, or None to start afresh."""
         raise NotImplementedError
+
+    def report_restored(self, rows: list[dict]) -> None:
+        """After a resume, the rows of the epochs the checkpoint holds. A local run's rows are in
+        its metrics file already: nothing to do."""
 
     def restore_checkpoint_dirs(self) -> list[str]:
         """Directories to resume from, newest first: the loop takes the first whose checkpoint

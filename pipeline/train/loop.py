@@ -30,6 +30,7 @@ from pipeline.train import metric_names as names
 from pipeline.train.batches import derived_seed, epoch_batches, scoring_batches, train_batches
 from pipeline.train.caches import open_caches
 from pipeline.train.checkpoint import (
+    CHECKPOINT_FILE,
     build_checkpoint,
     load_init_weights,
     load_model_state,
@@ -37,7 +38,7 @@ from pipeline.train.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from pipeline.train.context import CHECKPOINT_FILE, WorkerContext
+from pipeline.train.context import WorkerContext
 from pipeline.train.inference import autocast, build_model
 from pipeline.train.progress import NoProgress
 from pipeline.train.schedule import (
@@ -249,6 +250,27 @@ def score_test_split(model, config: ExperimentConfig, ctx: WorkerContext, flip_p
     return out
 
 
+def new_or_restored_state(config: ExperimentConfig, ctx: WorkerContext, num_parts: int,
+                          steps_per_epoch: int) -> tuple[TrainState, str | None]:
+    """The model (initial weights from train.seed, or train.init_weights), optimizer and schedule,
+    restored from the newest usable checkpoint when the context has one; and the init note."""
+    t = config.train
+    torch.manual_seed(derived_seed(t.seed))  # the same initial weights on every rank
+    model = build_model(config, num_parts)
+    init_note = load_init_weights(model, t.init_weights) if t.init_weights else None
+    model.to(ctx.device).to(memory_format=torch.channels_last)
+    model = with_sync_batch_norm(model, ctx.device.type, ctx.world_size)  # before DDP wraps it, once
+    optimizer = make_optimizer(model, t)
+    schedule = PhaseSchedule(training_phases(config), steps_per_epoch, t)
+    state = TrainState(model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule))
+    restore_dirs = ctx.restore_checkpoint_dirs()
+    if restore_dirs:  # newest first; a corrupt one falls back to the next, with a warning
+        path, checkpoint = load_newest_usable([Path(d) / CHECKPOINT_FILE for d in restore_dirs], expected_config=config)
+        state.restore(checkpoint, f"checkpoint {path}")
+        ctx.report_restored(state.history)
+    return state, init_note
+
+
 # --- the worker -----------------------------------------------------------------------------------
 
 def train_worker(config: ExperimentConfig | dict, ctx: WorkerContext, progress: bool = True,
@@ -269,18 +291,8 @@ def train_worker(config: ExperimentConfig | dict, ctx: WorkerContext, progress: 
                           f"(train.batch_size {t.batch_size} x {ctx.world_size} workers)")
     steps_per_epoch = len(train_batches(len(train_cache), t.batch_size, ctx.rank, ctx.world_size, t.seed, 0,
                                         t.max_steps_per_epoch))
-    torch.manual_seed(derived_seed(t.seed))  # the same initial weights on every rank
-    model = build_model(config, len(joint_names))
-    init_note = load_init_weights(model, t.init_weights) if t.init_weights else None
-    model.to(device).to(memory_format=torch.channels_last)
-    model = with_sync_batch_norm(model, device.type, ctx.world_size)  # before DDP wraps it, once
-    optimizer = make_optimizer(model, t)
-    state = TrainState(model, optimizer,
-                       torch.optim.lr_scheduler.LambdaLR(optimizer, PhaseSchedule(phases, steps_per_epoch, t)))
-    restore_dirs = ctx.restore_checkpoint_dirs()
-    if restore_dirs:  # newest first; a corrupt one falls back to the next, with a warning
-        path, checkpoint = load_newest_usable([Path(d) / CHECKPOINT_FILE for d in restore_dirs], expected_config=config)
-        state.restore(checkpoint, f"checkpoint {path}")
+    state, init_note = new_or_restored_state(config, ctx, len(joint_names), steps_per_epoch)
+    model, optimizer = state.model, state.optimizer
 
     wrapped_for, train_model = "unset", model
     for epoch in range(state.epoch, epochs):
@@ -290,8 +302,8 @@ def train_worker(config: ExperimentConfig | dict, ctx: WorkerContext, progress: 
             train_model, wrapped_for = compiled_for_training(ctx.wrap_model(model), t.compile), phase.stage
         epoch_start = time.perf_counter()
         batches = epoch_batches(train_cache, config, ctx.rank, ctx.world_size, epoch, flip_permutation, device)
-        progress = ctx.epoch_progress(epoch + 1, epochs, len(batches), t.batch_size)
-        sums = train_one_epoch(train_model, optimizer, state.scheduler, batches, config, phase.stage, device, progress)
+        shown = ctx.epoch_progress(epoch + 1, epochs, len(batches), t.batch_size)
+        sums = train_one_epoch(train_model, optimizer, state.scheduler, batches, config, phase.stage, device, shown)
         train_seconds = time.perf_counter() - epoch_start
         reduced = ctx.all_reduce_sum(np.concatenate([[sums["loss_sum"], sums["steps"], sums["images"], train_seconds],
                                                      sums["stage_loss_sum"]]))
