@@ -32,7 +32,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cpm_model.config import PreprocessConfig
-from cpm_model.geometry import STRIDE, apply_affine, invert_affine
+from cpm_model.geometry import STRIDE, invert_affine
 from cpm_model.heatmaps import render_belief_maps
 from cpm_model.joints import torso_size
 
@@ -87,21 +87,6 @@ def dataset_kinds(dataset: PoseDataset) -> list[str]:
     return [dataset.identity().get("type", "")]
 
 
-def crop_joints(joints_original: np.ndarray, affine: np.ndarray, input_size: int) -> np.ndarray:
-    """Joints in crop pixels; flag 1 only where annotated and inside the crop."""
-    joints = np.empty_like(joints_original, dtype=np.float64)
-    joints[:, :2] = apply_affine(joints_original[:, :2], affine)
-    inside = (joints[:, :2] >= -0.5).all(axis=1) & (joints[:, :2] < input_size - 0.5).all(axis=1)
-    joints[:, 2] = ((joints_original[:, 2] > 0) & inside).astype(np.float64)
-    return joints
-
-
-def warp_image(image: np.ndarray, affine: np.ndarray, input_size: int) -> np.ndarray:
-    """The crop: bilinear, black outside the image (OpenCV uses the same pixel-centre convention)."""
-    return cv2.warpAffine(image, affine, (input_size, input_size), flags=cv2.INTER_LINEAR,
-                          borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0))
-
-
 def preprocess_sample(dataset: PoseDataset, index: int, split: str, preprocess: PreprocessConfig,
                       kinds: list[str]) -> dict[str, np.ndarray]:
     """One cache row (see preprocessing.cache for the fields); raises SampleSkipped."""
@@ -115,9 +100,9 @@ def preprocess_sample(dataset: PoseDataset, index: int, split: str, preprocess: 
     size = preprocess.input_size
     to_crop = crops.person_crop(sample, image_hw, split, preprocess.train_crop, preprocess.crop_context, size, kind)
     joints_original = np.asarray(sample.joints, dtype=np.float64)
-    joints = crop_joints(joints_original, to_crop, size)
+    joints = crops.crop_joints(joints_original, to_crop, size)
     return {
-        "images": warp_image(image, to_crop, size),
+        "images": crops.warp_image(image, to_crop, size),
         "belief_maps": render_belief_maps(joints, size // STRIDE, preprocess.sigma).astype(np.float16),
         "joints": joints.astype(np.float32),
         "joints_original": joints_original.astype(np.float32),

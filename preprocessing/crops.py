@@ -1,7 +1,8 @@
 """Person-centred square crops: which part of the original image becomes the network input.
 
 All functions are pure: they take joints / image sizes and return a 2x3 ORIGINAL -> CROP affine
-(`cpm_model.geometry.crop_affine`) for an out_size x out_size crop.
+(`cpm_model.geometry.crop_affine`) for an out_size x out_size crop, or apply one: `crop_joints`
+to the annotation, `warp_image` to the pixels (every crop of this project is cut by it).
 
 Training crops ("train" split with `train_crop == "bbox"`):
     centre = centre of the annotated joints' bounding box,
@@ -30,9 +31,10 @@ persons are +-50% of the median size); max(H, W) is kept because it is simple an
 side >= max(H, W) holds the whole image. The train split (the deterministic split of the LSPET
 reader, 7,139 images) gives 0.393 (mean 0.415, std of log r 0.41).
 The embedded synthetic figures are larger in their images: r = 0.669 on the train split of the
-default set (generator version 2; 1,583 of 2,000 images, std of log r 0.11). LSP (the original 2,000 images, scaled so that the
-person is about 150 px long, like LSPET) is not at hand here and takes LSPET's value; any other
-kind without a measured value does too (DEFAULT_PERSON_TO_IMAGE_RATIO).
+default set (generator version 2; 1,583 of 2,000 images, std of log r 0.11). LSP (the original
+2,000 images, scaled so that the person is about 150 px long, like LSPET) is not at hand here and
+takes LSPET's value; any other kind without a measured value does too
+(DEFAULT_PERSON_TO_IMAGE_RATIO).
 
 The price of matching scale: LSPET images leave the person off-centre (5-95% of the box centre's
 offset from the image centre: +-0.16 x max(H, W) in x, -0.20..+0.10 in y), so a tight evaluation
@@ -50,7 +52,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from cpm_model.geometry import crop_affine
+from cpm_model.geometry import apply_affine, crop_affine
 
 from .datasets.base import PoseSample, SampleSkipped
 
@@ -150,6 +152,23 @@ def person_crop(sample: PoseSample, image_hw: tuple[int, int], split: str, train
     check_croppable(sample.joints, image_hw, sample.image_path)
     return evaluation_crop(image_hw, crop_context, out_size, sample.center, sample.scale,
                            person_to_image_ratio(dataset_kind))
+
+
+def crop_joints(joints_original: np.ndarray, affine: np.ndarray, input_size: int) -> np.ndarray:
+    """Joints in crop pixels; flag 1 only where annotated and inside the crop."""
+    joints = np.empty_like(joints_original, dtype=np.float64)
+    joints[:, :2] = apply_affine(joints_original[:, :2], affine)
+    inside = (joints[:, :2] >= -0.5).all(axis=1) & (joints[:, :2] < input_size - 0.5).all(axis=1)
+    joints[:, 2] = ((joints_original[:, 2] > 0) & inside).astype(np.float64)
+    return joints
+
+
+def warp_image(image: np.ndarray, affine: np.ndarray, input_size: int) -> np.ndarray:
+    """The crop: bilinear, black outside the image (OpenCV uses the same pixel-centre convention)."""
+    import cv2  # here, so that importing the crop rules stays cheap
+
+    return cv2.warpAffine(image, affine, (input_size, input_size), flags=cv2.INTER_LINEAR,
+                          borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0))
 
 
 def crop_rule_constants() -> dict:

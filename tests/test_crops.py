@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cpm_model.geometry import apply_affine
+from cpm_model.geometry import apply_affine, crop_affine
 from preprocessing import crops
 from preprocessing.datasets.base import PoseSample, SampleSkipped
 
@@ -121,3 +121,23 @@ def test_synthetic_ratio_is_the_median_over_the_train_split():
                                           lambda index: (dataset.image_size, dataset.image_size))
     assert median == pytest.approx(crops.PERSON_TO_IMAGE_RATIO["synthetic"], abs=0.005), \
         "the synthetic generator changed the person size: re-measure PERSON_TO_IMAGE_RATIO['synthetic']"
+
+
+def test_crop_joints_and_warp_image_apply_the_same_affine():
+    # A 2x zoom about original pixel (20, 10): original pixel (x, y) lands at 2 (x - 20) + 15.5.
+    to_crop = crop_affine((20.0, 10.0), side=16.0, out_size=32)
+    image = np.zeros((40, 60, 3), dtype=np.uint8)
+    image[12, 23] = (255, 128, 0)  # one coloured pixel at x 23, y 12
+    crop = crops.warp_image(image, to_crop, 32)
+    assert crop.shape == (32, 32, 3) and crop.dtype == np.uint8
+    joints = crops.crop_joints(make_joints([[23, 12], [40, 10], [0, 0]], flags=[1, 1, 0]), to_crop, 32)
+    np.testing.assert_allclose(joints[:, :2], [[21.5, 19.5], [55.5, 15.5], [-24.5, -4.5]])
+    np.testing.assert_array_equal(joints[:, 2], [1, 0, 0])  # joint 1 lies outside the crop, 2 unannotated
+    # bilinear 2x upsampling: the dot's centre falls between crop pixels 21 and 22 (x), 19 and 20 (y)
+    x, y = 21.5, 19.5
+    patch = crop[int(y):int(y) + 2, int(x):int(x) + 2].astype(int)
+    assert (patch[..., 0] > 0).all() and patch[..., 0].max() == patch[..., 0].min()  # symmetric around it
+    assert crop[..., 0].sum() == pytest.approx(255 * 4, rel=0.05)  # the dot's energy, scaled by the 2x2 zoom
+    # outside the original image the crop is black
+    border = crops.warp_image(np.full((40, 60, 3), 200, np.uint8), crop_affine((0.0, 0.0), 16.0, 32), 32)
+    assert (border[:8, :8] == 0).all() and (border[-8:, -8:] == 200).all()
