@@ -53,9 +53,7 @@ def test_the_sweep_table_has_short_columns_and_metrics_for_finished_trials(capsy
         analysis = {"epoch": {"max": 4}, "pck": {"last": 0.40 + i / 10, "max": 0.45 + i / 10}}
         trials.append(SimpleNamespace(trial_id=f"t_{i:05d}", config={"trial": spec.as_dict()},
                                       status="TERMINATED", metric_analysis=analysis))
-    reporter = SweepProgress(specs)
-    assert reporter.should_report(trials, done=True)
-    reporter.report(trials, True)
+    SweepProgress(specs).on_experiment_end(trials)
     out = capsys.readouterr().out
     lines = out.strip().splitlines()
     assert lines[0] == "Trials: 2 terminated"

@@ -45,8 +45,9 @@ def format_table(rows: list[list[str]]) -> str:
     return "\n".join([line(COLUMNS), line(["-" * w for w in widths]), *(line(r) for r in rows)])
 
 
-class SweepProgress(tune.ProgressReporter):
-    """Prints the table every `every_s` seconds while anything changed, and once at the end."""
+class SweepProgress(tune.Callback):
+    """A Tune callback that prints the table every `every_s` seconds while anything changed, and
+    once at the end (Tune's own table is turned off: RunConfig(verbose=0))."""
 
     def __init__(self, specs: dict[str, TrialSpec], every_s: float = 30.0):
         self.specs = specs
@@ -54,10 +55,20 @@ class SweepProgress(tune.ProgressReporter):
         self._last_time = -math.inf
         self._last_table = None
 
-    def should_report(self, trials, done: bool = False) -> bool:
-        return done or time.monotonic() - self._last_time >= self.every_s
+    def __getstate__(self) -> dict:  # pickled with the sweep (tuner.pkl): settings only
+        return {"specs": self.specs, "every_s": self.every_s}
 
-    def report(self, trials, done: bool, *sys_info: str) -> None:
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(**state)
+
+    def on_step_end(self, iteration, trials, **info) -> None:
+        if time.monotonic() - self._last_time >= self.every_s:
+            self.report(trials)
+
+    def on_experiment_end(self, trials, **info) -> None:
+        self.report(trials, done=True)
+
+    def report(self, trials, done: bool = False) -> None:
         rows = [trial_row(i, trial_of(self.specs, t.config), t.status, _progress_of(t))
                 for i, t in enumerate(sorted(trials, key=lambda t: t.trial_id))]
         table = format_table(rows)
@@ -65,7 +76,7 @@ class SweepProgress(tune.ProgressReporter):
         if table == self._last_table and not done:
             return
         self._last_table = table
-        counts = {}
+        counts: dict[str, int] = {}
         for t in trials:
             counts[t.status] = counts.get(t.status, 0) + 1
         summary = ", ".join(f"{n} {status.lower()}" for status, n in sorted(counts.items()))

@@ -176,8 +176,6 @@ def _configure_tune() -> None:
     os.environ.setdefault("TUNE_WARN_THRESHOLD_S", "5")
     # SIGINT stops the sweep like SIGTERM (pipeline.distributed.interrupts), not through Tune's own handler.
     os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
-    # Tune's newer console output takes no progress reporter: the sweep prints its own table.
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     bound_http_retries()
 
 
@@ -258,9 +256,10 @@ def _new_tuner(config: ExperimentConfig, specs: list[TrialSpec], trainable, logg
                                     max_concurrent_trials=plan.max_concurrent_trials,
                                     trial_name_creator=lambda t: t.config["trial"]["run_name"].replace(" ", "_"),
                                     trial_dirname_creator=lambda t: f"trial_{t.trial_id}"),
-        run_config=tune.RunConfig(name=sweep_id, storage_path=str(storage), callbacks=[logger],
-                                  failure_config=tune.FailureConfig(max_failures=0), verbose=1,
-                                  progress_reporter=SweepProgress({t.key: t for t in specs})),
+        # verbose=0: the sweep prints its own progress table (SweepProgress) instead of Tune's.
+        run_config=tune.RunConfig(name=sweep_id, storage_path=str(storage), verbose=0,
+                                  callbacks=[logger, SweepProgress({t.key: t for t in specs})],
+                                  failure_config=tune.FailureConfig(max_failures=0)),
     )
 
 
