@@ -71,9 +71,45 @@ def scaling(tmp: Path) -> dict:
     return {"images_per_s_1_worker": out[1], "images_per_s_2_workers": out[2], "ratio": out[2] / out[1]}
 
 
+STARTUP_PARTS = ("trial", "worker_loop", "context", "caches_open", "model_ready", "first_step")
+
+
+def trial_breakdown(rows: list[dict]) -> dict:
+    """One trial's time from its Tune rows: start-up moment by moment (the first epoch row's
+    startup_* metrics), its epochs (training + validation), and the end (test split, artifacts and
+    Ray Train's teardown: from the last epoch row to the artifacts row)."""
+    epochs = [r for r in rows if "train_loss" in r]
+    first = epochs[0]
+    end = next(r for r in reversed(rows) if "artifacts_dir" in r)
+    out = {f"startup_{name}_s": first.get(f"startup_{name}_s", float("nan")) for name in STARTUP_PARTS}
+    out["startup_s"] = first.get("startup_s", float("nan"))
+    out["epochs_s"] = sum(r["epoch_time_s"] for r in epochs)
+    out["end_s"] = end["timestamp"] - epochs[-1]["timestamp"]
+    return out
+
+
+def sweep_ratio(tmp: Path) -> dict:
+    """The sweep's wall time (its MLflow run's start to end) against the trials' own training and
+    validation time (sum of epoch_time_s) divided by the trials that run at once."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    parent = next(r for r in runs if r.data.tags.get("cpm.run_kind") == "sweep")
+    trials = [r for r in runs if r.data.tags.get("cpm.run_kind") == "trial"]
+    concurrent = int(parent.data.params["max_concurrent_trials"])
+    epochs_s = sum(sum(m.value for m in client.get_metric_history(r.info.run_id, "epoch_time_s")) for r in trials)
+    wall_s = (parent.info.end_time - parent.info.start_time) / 1000
+    return {"sweep_wall_s": wall_s, "trial_epochs_s": epochs_s, "concurrent_trials": concurrent,
+            "ratio": wall_s / (epochs_s / concurrent)}
+
+
 def default_job(tmp: Path) -> dict:
+    """The default job end to end: its wall time, the sweep ratio and each trial's breakdown."""
     wall = run_sweep(tmp, config="configs/default.yaml")
-    return {"wall_s": wall, "trials": len(result_rows(tmp))}
+    trials = [trial_breakdown(rows) for rows in result_rows(tmp)]
+    mean = {key: statistics.mean(t[key] for t in trials) for key in trials[0]}
+    return {"wall_s": wall, "trials": len(trials), **sweep_ratio(tmp), "trial_mean": mean, "per_trial": trials}
 
 
 def main() -> None:

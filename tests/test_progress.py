@@ -73,3 +73,17 @@ def test_the_last_line_names_the_report_and_the_ui():
         "MLflow UI: mlflow ui --backend-store-uri sqlite:////tmp/m/mlflow.db")
     line = where_to_look("postgresql://cpm:s3cret@db:5432/mlflow", "1", "r1")
     assert "s3cret" not in line and "postgresql://cpm:***@db:5432/mlflow" in line
+
+
+def test_startup_metrics_time_each_moment_from_the_one_before():
+    from pipeline.distributed.ray_context import startup_metrics
+
+    moments = {"trial_process": 100.0, "trial": 103.5, "worker_loop": 110.0, "context": 111.0,
+               "caches_open": 111.25, "model_ready": 112.0, "first_step": 113.0}
+    assert startup_metrics(moments) == {
+        "startup_trial_s": 3.5, "startup_worker_loop_s": 6.5, "startup_context_s": 1.0,
+        "startup_caches_open_s": 0.25, "startup_model_ready_s": 0.75, "startup_first_step_s": 1.0,
+        "startup_s": 13.0}
+    # Without /proc (no process start time) the total counts from the trainable's start.
+    del moments["trial_process"]
+    assert startup_metrics(moments)["startup_s"] == 9.5 and "startup_trial_s" not in startup_metrics(moments)

@@ -8,6 +8,7 @@ when a restarted worker group or a restored run picks up where it stopped.
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 import ray.train
@@ -15,11 +16,43 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
+from pipeline.train import metric_names as names
 from pipeline.train.context import WorkerContext
+from pipeline.train.progress import NoProgress
+
+# A trial's start-up, moment by moment (wall-clock times; the first two come from the trial's
+# driver, on the same node as Tune): the trial's process started -> its trainable ran ->
+# this worker's loop function ran -> its context was ready -> caches open -> model ready -> first step.
+STARTUP_MOMENTS = ("trial_process", "trial", "worker_loop", "context", "caches_open", "model_ready", "first_step")
+
+
+def startup_metrics(moments: dict[str, float]) -> dict[str, float]:
+    """startup_s (the trial's start to its first training step) and startup_{moment}_s (the time up
+    to each moment from the one before), from the moments that were recorded."""
+    seen = [(name, moments[name]) for name in STARTUP_MOMENTS if name in moments]
+    out = {f"startup_{name}_s": round(t - t_before, 3) for (_, t_before), (name, t) in zip(seen, seen[1:])}
+    if len(seen) > 1:
+        out["startup_s"] = round(seen[-1][1] - seen[0][1], 3)
+    return out
+
+
+class _FirstStep:
+    """Marks the first training step of the run, then passes every step on."""
+
+    def __init__(self, ctx: "RayTrainContext", inner):
+        self.ctx, self.inner = ctx, inner
+
+    def step(self, images: int) -> None:
+        if "first_step" not in self.ctx.moments:
+            self.ctx.mark("first_step")
+        self.inner.step(images)
+
+    def close(self) -> None:
+        self.inner.close()
 
 
 class RayTrainContext(WorkerContext):
-    def __init__(self, cpus_per_worker: float = 1.0):
+    def __init__(self, cpus_per_worker: float = 1.0, moments: dict[str, float] | None = None):
         context = ray.train.get_context()
         self.rank = context.get_world_rank()
         self.world_size = context.get_world_size()
@@ -29,6 +62,16 @@ class RayTrainContext(WorkerContext):
         # Ray sets OMP_NUM_THREADS from the worker's CPUs; make torch agree so workers do not oversubscribe.
         torch.set_num_threads(max(1, int(round(cpus_per_worker))))
         self._restored = ray.train.get_checkpoint()
+        self.moments = dict(moments or {})  # start-up moments so far (STARTUP_MOMENTS)
+        self.mark("context")
+        self._startup_reported = False
+
+    def mark(self, moment: str) -> None:
+        self.moments.setdefault(moment, time.time())
+
+    def epoch_progress(self, epoch: int, epochs: int, steps: int, batch_size: int):
+        inner = super().epoch_progress(epoch, epochs, steps, batch_size)
+        return inner if "first_step" in self.moments else _FirstStep(self, inner or NoProgress())
 
     def all_reduce_sum(self, values: np.ndarray) -> np.ndarray:
         values = np.asarray(values, dtype=np.float64)
@@ -47,6 +90,9 @@ class RayTrainContext(WorkerContext):
 
     def report(self, metrics: dict, checkpoint_dir: str | None = None) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        if not self._startup_reported and names.is_epoch_row(metrics):  # the first epoch of this start
+            metrics = {**metrics, **startup_metrics(self.moments)}
+            self._startup_reported = True
         ray.train.report(_scalars(metrics), checkpoint=checkpoint)
 
     def report_restored(self, rows: list[dict]) -> None:

@@ -230,6 +230,7 @@ def _open_sweep_run(config: ExperimentConfig, uri: str, sweep_dir: Path, sweep_i
         store.log_params(client, parent_run_id, {
             "preset": config.name, "num_trials": num_trials, "dataset": config.data.spec,
             "grid": config.sweep.grid, "search": config.sweep.search, "resources": plan.describe(),
+            "max_concurrent_trials": plan.max_concurrent_trials,
             **config.flat_params()})
     else:  # reopened (--resume): it no longer carries how it ended before
         writer.submit({"kind": "clear_end", "run": parent_ref})

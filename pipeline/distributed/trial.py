@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 
 import ray
@@ -28,6 +29,7 @@ DIVERGED_FILE = "diverged.txt"  # in a trial's artifacts directory: why its loss
 
 def worker_loop(loop_config: dict) -> None:
     """Runs in every Ray Train worker."""
+    moments = {**loop_config["startup_moments"], "worker_loop": time.time()}
     from pipeline.distributed import cache_sync
     from pipeline.distributed.node_versions import check_worker_versions
     from pipeline.distributed.ray_context import RayTrainContext
@@ -37,7 +39,7 @@ def worker_loop(loop_config: dict) -> None:
     # A node that joined after the sweep's start was not checked there.
     check_worker_versions(ray.util.get_node_ip_address() + f" ({ray.get_runtime_context().get_node_id()[:8]})",
                           loop_config["driver_versions"])
-    ctx = RayTrainContext(cpus_per_worker=loop_config["cpus_per_worker"])
+    ctx = RayTrainContext(cpus_per_worker=loop_config["cpus_per_worker"], moments=moments)
     config = from_dict(loop_config["config"])
     cache_paths = None
     if loop_config["cache_paths"]:
@@ -95,11 +97,25 @@ def _write_artifacts(directory: Path, result: dict, config) -> None:
         (directory / "figures_not_drawn.txt").write_text(f"{type(exc).__name__}: {exc}\n")
 
 
+def _process_start_time() -> float | None:
+    """When this process started (wall clock; for a trial's actor, about when Tune launched it),
+    from Linux's /proc; None elsewhere."""
+    try:
+        boot = next(float(line.split()[1]) for line in open("/proc/stat") if line.startswith("btime"))
+        # Field 22 of /proc/self/stat, after the command name in parentheses: start time in ticks.
+        ticks = float(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+
+
 def run_trial(trial_config: dict, specs: dict[str, TrialSpec], plan: ResourcePlan, sweep_id: str,
               storage_path: str, cache_paths: dict[str, dict[str, str]], cache_node_id: str, max_failures: int,
               driver_versions: dict[str, str]) -> None:
     """The Tune trainable. `trial_config` = {"trial": {...grid point...}, "search": {...sampled...}};
     `specs` = the sweep's trials by key, as the driver expanded them."""
+    startup_moments = {"trial_process": _process_start_time(), "trial": time.time()}
+    startup_moments = {k: v for k, v in startup_moments.items() if v is not None}
     spec = trial_of(specs, trial_config)
     resources = {"CPU": plan.cpus_per_worker}
     if plan.use_gpu:
@@ -111,7 +127,8 @@ def run_trial(trial_config: dict, specs: dict[str, TrialSpec], plan: ResourcePla
         train_loop_config={"config": spec.config.to_dict(), "cpus_per_worker": plan.cpus_per_worker,
                            # None when a searched value changes preprocessing: the workers build it.
                            "cache_paths": cache_paths.get(spec.key), "cache_node_id": cache_node_id,
-                           "artifacts_dir": artifacts_dir, "driver_versions": driver_versions},
+                           "artifacts_dir": artifacts_dir, "driver_versions": driver_versions,
+                           "startup_moments": startup_moments},
         scaling_config=ray.train.ScalingConfig(num_workers=plan.workers_per_trial, use_gpu=plan.use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(

@@ -284,6 +284,7 @@ def train_worker(config: ExperimentConfig | dict, ctx: WorkerContext, progress: 
     t, device = config.train, ctx.device
     phases, epochs = training_phases(config), total_epochs(config)
     train_cache, val_cache = open_caches(config, ctx, ("train", "val"), progress, cache_paths).values()
+    ctx.mark("caches_open")
     joint_names, flip_pairs = train_cache.joint_names, train_cache.flip_pairs
     flip_permutation = flip_permutation_of(len(joint_names), flip_pairs)
     if len(train_cache) < t.batch_size * ctx.world_size:
@@ -292,6 +293,7 @@ def train_worker(config: ExperimentConfig | dict, ctx: WorkerContext, progress: 
     steps_per_epoch = len(train_batches(len(train_cache), t.batch_size, ctx.rank, ctx.world_size, t.seed, 0,
                                         t.max_steps_per_epoch))
     state, init_note = new_or_restored_state(config, ctx, len(joint_names), steps_per_epoch)
+    ctx.mark("model_ready")
     model, optimizer = state.model, state.optimizer
 
     wrapped_for, train_model = "unset", model
