@@ -176,7 +176,9 @@ def _results(dataset, indices, split, preprocess, kinds, workers: int):
     build stops early (strict mode, an error), and a Pool whose worker dies waits forever; the
     executor cancels what is queued and reports a dead worker as BrokenProcessPool."""
     if workers <= 1 or len(indices) <= 1:
-        _init_worker(dataset, split, preprocess, kinds)
+        # In the caller's process: leave its thread settings alone (cv2.setNumThreads also hangs
+        # in a process forked while OpenCV's pool was busy).
+        _WORKER.update(dataset=dataset, split=split, preprocess=preprocess, kinds=kinds)
         yield (_work(i) for i in indices)
         return
     size = max(1, min(8, len(indices) // (4 * workers)))

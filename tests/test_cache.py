@@ -352,6 +352,20 @@ def test_concurrent_builders_build_once_and_share_the_file(tmp_path):
     assert not list((tmp_path / "c").glob(".*tmp-*"))
 
 
+def test_build_in_the_callers_process_leaves_its_thread_settings(tmp_path):
+    import torch
+
+    before = torch.get_num_threads(), cv2.getNumThreads()
+    torch.set_num_threads(2)
+    cv2.setNumThreads(2)
+    try:
+        build_cache(FakeDataset(tmp_path / "fake"), "train", small(workers=1), tmp_path / "c", progress=False)
+        assert (torch.get_num_threads(), cv2.getNumThreads()) == (2, 2)  # only pool workers use 1 thread
+    finally:
+        torch.set_num_threads(before[0])
+        cv2.setNumThreads(before[1])
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_crashed_build_leaves_no_finished_looking_file(tmp_path, workers):
     cache_dir = tmp_path / "c"
