@@ -39,7 +39,7 @@ class DataConfig:
 class PreprocessConfig:
     input_size: int = 368  # crop side in pixels, the network input; belief maps are input_size / STRIDE
     sigma: float = 1.0  # ideal belief-map Gaussian, in heatmap cells
-    # How training crops are chosen: "bbox" (joints' bounding box, the design's default) or "image"
+    # How training crops are chosen: "bbox" (joints' bounding box, the default) or "image"
     # (the evaluation protocol: image centre and size). Evaluation crops never use ground truth.
     train_crop: str = "bbox"
     # Crop side = context x person size (bbox side for training, image-derived for evaluation).

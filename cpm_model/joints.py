@@ -68,8 +68,6 @@ MPII = JointSet(
     torso_fallback_pair=(12, 3),
 )
 
-JOINT_SETS = {js.name: js for js in (LSP, MPII)}
-
 
 def torso_size(joints: np.ndarray, joint_set: JointSet) -> np.ndarray:
     """Torso diameter per sample from joints (N, P, 3) (x, y, flag), NaN where undefined.

@@ -319,7 +319,8 @@ def load_vgg_weights(model: CPM, state_dict: dict[str, torch.Tensor]) -> list[st
             if src_key not in source:
                 missing.append(src_key)
             elif tuple(source[src_key].shape) != tuple(own[dst_key].shape):
-                mismatched.append(f"{src_key}: expected {tuple(own[dst_key].shape)}, got {tuple(source[src_key].shape)}")
+                mismatched.append(f"{src_key}: expected {tuple(own[dst_key].shape)}, "
+                                  f"got {tuple(source[src_key].shape)}")
             else:
                 pairs.append((src_key, dst_key))
     if missing or mismatched:

@@ -60,7 +60,7 @@ import numpy as np
 from cpm_model.joints import LSP
 
 from .base import DatasetError, PoseSample, check_index
-from .splits import check_split, hashed_split_indices, split_of_name
+from .splits import hashed_split_indices
 
 # Bump whenever the images or joints produced for a given (seed, index, image_size) change: the
 # version is part of identity(), hence of the preprocessing cache key.
@@ -395,13 +395,8 @@ class SyntheticDataset:
     def sample_id(self, index: int) -> str:
         return f"synthetic-{self.seed}-{int(index):06d}"
 
-    def split_of(self, index: int) -> str:
-        """'train', 'val' or 'test' of one sample, by the project's hash rule on its sample id."""
-        return split_of_name(self.sample_id(index))
-
     def split_indices(self, split: str) -> np.ndarray:
         """About 80/10/10 train/val/test by a hash of the sample id (see preprocessing.datasets.splits)."""
-        check_split(split)
         return hashed_split_indices((self.sample_id(i) for i in range(self.num_samples)), split)
 
     def sample(self, index: int) -> PoseSample:
