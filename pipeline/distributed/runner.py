@@ -252,7 +252,8 @@ def _new_tuner(config: ExperimentConfig, specs: list[TrialSpec], trainable, logg
     return tune.Tuner(
         trainable,
         param_space=param_space,
-        tune_config=tune.TuneConfig(metric=names.PCK, mode="max", scheduler=scheduler,
+        # reuse_actors: a finished trial's process runs the next trial (no new process, no imports).
+        tune_config=tune.TuneConfig(metric=names.PCK, mode="max", scheduler=scheduler, reuse_actors=True,
                                     num_samples=config.sweep.num_samples,
                                     max_concurrent_trials=plan.max_concurrent_trials,
                                     trial_name_creator=lambda t: t.config["trial"]["run_name"].replace(" ", "_"),
