@@ -130,14 +130,19 @@ def check_numeric_3d(matrix: np.ndarray, path: Path, variable: str, expected: tu
                            f"({expected[0]}, {expected[1]}, N) with N >= 1 ({layout})")
 
 
+def check_binary(values: np.ndarray, path: Path, what: str) -> None:
+    """DatasetError naming the first (sample, joint) of `values` (N, P) that is neither 0 nor 1."""
+    bad = ~np.isin(values, (0.0, 1.0))
+    if bad.any():
+        sample, joint = np.argwhere(bad)[0]
+        raise DatasetError(f"{path}: sample {sample + 1}, joint {joint} has {what} {float(values[sample, joint])}; "
+                           f"expected 0 or 1")
+
+
 def check_joints(joints: np.ndarray, path: Path) -> None:
     """DatasetError unless flags are 0/1 and annotated joints have finite coordinates."""
     flags = joints[:, :, 2]
-    bad_flag = ~np.isin(flags, (0.0, 1.0))
-    if bad_flag.any():
-        sample, joint = np.argwhere(bad_flag)[0]
-        raise DatasetError(f"{path}: sample {sample + 1}, joint {joint} has flag {float(flags[sample, joint])}; "
-                           f"expected 0 or 1")
+    check_binary(flags, path, "flag")
     bad_xy = (flags == 1) & ~np.isfinite(joints[:, :, :2]).all(axis=-1)
     if bad_xy.any():
         sample, joint = np.argwhere(bad_xy)[0]

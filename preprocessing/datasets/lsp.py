@@ -18,7 +18,7 @@ import numpy as np
 
 from cpm_model.joints import LSP
 
-from .base import DatasetError, NumberedImageDataset, check_joints, check_numeric_3d
+from .base import DatasetError, NumberedImageDataset, check_binary, check_joints, check_numeric_3d
 from .splits import official_split_indices
 
 NUM_OFFICIAL_TRAIN = 1000  # images 1-1000 are LSP's training set
@@ -44,11 +44,7 @@ class LSPDataset(NumberedImageDataset):
         check_numeric_3d(raw, path, "joints", (3, 14), "rows x, y, occluded per joint")
         joints = np.ascontiguousarray(raw.transpose(2, 1, 0), dtype=np.float64)  # (N, 14, 3)
         occlusion_bits = joints[:, :, 2]
-        bad = ~np.isin(occlusion_bits, (0.0, 1.0))
-        if bad.any():
-            sample, joint = np.argwhere(bad)[0]
-            raise DatasetError(f"{path}: sample {sample + 1}, joint {joint} has occlusion bit "
-                               f"{float(occlusion_bits[sample, joint])}; expected 0 or 1")
+        check_binary(occlusion_bits, path, "occlusion bit")
         occluded = occlusion_bits == 1
         joints[:, :, 2] = 1.0  # all 14 joints are labelled in LSP, occluded or not
         check_joints(joints, path)  # now checks every joint's x, y are finite
