@@ -56,8 +56,6 @@ class RayTrainContext(WorkerContext):
         context = ray.train.get_context()
         self.rank = context.get_world_rank()
         self.world_size = context.get_world_size()
-        self.local_rank = context.get_local_rank()
-        self.node_rank = context.get_node_rank()
         self.device = ray.train.torch.get_device()
         # Ray sets OMP_NUM_THREADS from the worker's CPUs; make torch agree so workers do not oversubscribe.
         torch.set_num_threads(max(1, int(round(cpus_per_worker))))

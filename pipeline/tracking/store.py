@@ -11,7 +11,6 @@ import base64
 import os
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -20,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Param, RunTag
 
 from cpm_model.config import REDACTED, redact_uri, uri_secrets
 from pipeline.tracking.errors import TrackingError
@@ -227,13 +226,6 @@ def log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> Non
 def metric_name(key: str) -> str:
     """MLflow's name for a metric key: '@' is not allowed there, so 'pck@0.1' is logged as 'pck_0.1'."""
     return key.replace("@", "_")
-
-
-def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float], step: int) -> None:
-    now = int(time.time() * 1000)
-    items = [Metric(metric_name(k), float(v), now, step) for k, v in sorted(metrics.items())]
-    for start in range(0, len(items), 500):
-        client.log_batch(run_id, metrics=items[start:start + 500])
 
 
 def set_tags(client: MlflowClient, run_id: str, tags: dict[str, str]) -> None:

@@ -163,10 +163,6 @@ class LocalContext(WorkerContext):
             return []
         return sorted(p for p in root.glob("epoch_*") if (p / CHECKPOINT_FILE).is_file())
 
-    def latest_checkpoint_dir(self) -> Path | None:
-        candidates = self.checkpoint_dirs()
-        return candidates[-1] if candidates else None
-
     def best_checkpoint_dir(self) -> Path | None:
         """The best epoch's saved directory (None before any epoch is saved)."""
         if self.best_epoch is None or self.out_dir is None:
