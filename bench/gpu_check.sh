@@ -8,7 +8,7 @@
 # Runs bench/run.py's GPU parts (default preset and the paper's 6-stage model at 368 px, batch 32:
 # pipeline vs model alone, bf16 + channels_last vs fp32, torch.compile vs eager, FLOPs, TFLOP/s)
 # and prints a table; the JSON goes to gpu_check.json. Then checks SyncBatchNorm: the BatchNorm
-# model converted as a multi-GPU run converts it (pipeline.training.with_sync_batch_norm), in two
+# model converted as a multi-GPU run converts it (pipeline.train.loop.with_sync_batch_norm), in two
 # DDP processes sharing the GPU, gives plain BatchNorm's output, gradients and running statistics
 # on the whole batch. --cpu-smoke runs the same code on the CPU at tiny sizes (checks the script,
 # measures nothing; there the model keeps BatchNorm, and the check shows per-worker statistics).
@@ -40,7 +40,7 @@ cat > "$sync_check" <<'EOF'
 import copy, socket, sys
 import torch, torch.distributed as dist, torch.multiprocessing as mp
 from cpm_model import CPM
-from pipeline.training import uses_sync_batch_norm, with_sync_batch_norm
+from pipeline.train.loop import uses_sync_batch_norm, with_sync_batch_norm
 
 WORLD, BATCH = 2, 8
 
