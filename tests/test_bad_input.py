@@ -85,18 +85,19 @@ def test_evaluate_refuses_bad_counts(args, expected, tmp_path, ray_tmpdir):
     assert_refused(result, tmp_path, *expected)
 
 
-def test_train_refuses_a_bad_value_like_the_sweep(tmp_path, ray_tmpdir):
-    result = run_cli(tmp_path, ray_tmpdir, str(REPO / "pipeline" / "train.py"), *sweep_args(tmp_path)[1:],
+def test_a_single_run_refuses_a_bad_value_like_the_sweep(tmp_path, ray_tmpdir):
+    result = run_cli(tmp_path, ray_tmpdir, str(REPO / "pipeline" / "sweep.py"), "--single", *sweep_args(tmp_path)[1:],
                      "--set", "train.max_steps_per_epoch=0")
     assert_refused(result, tmp_path, "'train.max_steps_per_epoch'", "got 0")
 
 
-@pytest.mark.parametrize("cli", ["pipeline/sweep.py", "pipeline/train.py", "-m pipeline.fit"])
+@pytest.mark.parametrize("cli", ["pipeline/sweep.py", "pipeline/sweep.py --single", "-m pipeline.fit"])
 def test_data_spec_and_uri_are_taken_verbatim(cli, tmp_path, ray_tmpdir):
     """A path with '#' and a space: YAML would cut the spec at ' #' (a comment)."""
     spec = "lspet:/data/run #2: final"
     uri = f"sqlite:///{tmp_path}/my store #1.db"
-    head = cli.split() if cli.startswith("-m") else [str(REPO / cli)]
+    command, *options = cli.split()
+    head = cli.split() if cli.startswith("-m") else [str(REPO / command), *options]
     extra = ["--out", str(tmp_path / "out")] if "fit" in cli else ["--tracking-uri", uri]
     result = run_cli(tmp_path, ray_tmpdir, *head, "--config", TINY, "--data", spec, *extra, "--print-config")
     assert result.returncode == 0, result.stderr
