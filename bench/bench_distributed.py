@@ -78,7 +78,7 @@ def trial_breakdown(rows: list[dict]) -> dict:
     """One trial's time from its Tune rows: start-up moment by moment (the first epoch row's
     startup_* metrics), its epochs (training + validation), and the end (test split, artifacts and
     Ray Train's teardown: from the last epoch row to the artifacts row)."""
-    epochs = [r for r in rows if "train_loss" in r]
+    epochs = [r for r in rows if "train_loss" in r and not r.get("resent")]
     first = epochs[0]
     end = next(r for r in reversed(rows) if "artifacts_dir" in r)
     out = {f"startup_{name}_s": first.get(f"startup_{name}_s", float("nan")) for name in STARTUP_PARTS}

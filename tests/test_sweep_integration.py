@@ -167,9 +167,14 @@ def test_killed_worker_resumes_from_its_checkpoint_in_the_same_run(tmp_path, ray
             proc.kill()
     assert proc.returncode == 0, out[-3000:]
 
-    epochs = [r["epoch"] for r in _result_rows(tmp_path / "ray") if "train_loss" in r]
+    rows = [r for r in _result_rows(tmp_path / "ray") if "train_loss" in r]
+    # The restarted worker sends its checkpoint's rows again, marked `resent`; every other row is a
+    # new epoch, each once (a restart from scratch would train and report epochs 1, 2, ... again).
+    epochs = [r["epoch"] for r in rows if not r.get("resent")]
     expected = list(range(1, KILLED_RUN_EPOCHS + 1))
     assert epochs == sorted(set(epochs)) == expected, f"epochs reported: {epochs} (a restart from scratch repeats them)"
+    resent = [r["epoch"] for r in rows if r.get("resent")]
+    assert resent and max(resent) < KILLED_RUN_EPOCHS, f"rows sent again after the restart: {resent}"
     client, runs = trial_runs(tmp_path)
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert epochs_logged(client, runs[0].info.run_id) == expected

@@ -98,7 +98,7 @@ class RayTrainContext(WorkerContext):
         checkpoint of an epoch and that epoch's row never logged the row; its tracking callback
         logs the ones its run lacks and skips the others."""
         for row in rows:
-            ray.train.report(_scalars(row))
+            ray.train.report({**_scalars(row), names.RESENT: 1})
 
     def restore_checkpoint_dir(self) -> str | None:
         if self._restored is None:

@@ -23,7 +23,8 @@ from pipeline.train import metric_names as names
 
 _SKIP = {names.EPOCH, "training_iteration", "timestamp", "time_this_iter_s", "time_total_s", "pid",
          "time_since_restore", "iterations_since_restore", "done", "trial_id", "date", "hostname",
-         "node_ip", "checkpoint_dir_name", "should_checkpoint", names.ARTIFACTS_DIR, names.BEST_CHECKPOINT_DIR}
+         "node_ip", "checkpoint_dir_name", "should_checkpoint", names.ARTIFACTS_DIR, names.BEST_CHECKPOINT_DIR,
+         names.RESENT}
 
 
 def cache_hash(path: str) -> str:

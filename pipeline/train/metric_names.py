@@ -16,6 +16,8 @@ BEST_PREFIX = "best_"  # best_{key}: the value of {key} at the best epoch
 TEST_PREFIX = "test_"
 TEST_CURVE_PREFIX = "test_pck_curve_a"  # test_pck_curve_a0.20 = test PCK at alpha 0.20
 
+RESENT = "resent"  # on a row a restored worker sends again (1): its epoch was reported before
+
 # The row a trial driver adds after its Train run: where its artifacts and best checkpoint are.
 ARTIFACTS_DIR = "artifacts_dir"
 BEST_CHECKPOINT_DIR = "best_checkpoint_dir"
