@@ -29,7 +29,7 @@ from pipeline.cli import UsageError, config_from_args, report_input_errors, with
 from pipeline.train.batches import scoring_batches
 from pipeline.train.caches import open_split_caches
 from pipeline.train.inference import build_model
-from pipeline.train.scoring import evaluate_batches, format_table, mean_pose_counts, report_dict
+from pipeline.train.scoring import evaluate_batches, format_table, mean_pose_counts, protocol_for, report_dict
 
 SPLIT_CHOICES = ("test", "val", "train", "all")
 
@@ -120,10 +120,11 @@ def score_mean_pose(config, caches: list, progress: bool) -> dict:
     # baseline sits in the same frame as the crops it is scored on.
     baseline_config = config.with_overrides({"preprocess.train_crop": "image"})
     train_cache = open_split_caches(baseline_config, "train", progress)[0]
+    protocol = protocol_for(config)
     total = PCKCounts(1, len(caches[0].joint_names))
     for cache in caches:
-        total = total + mean_pose_counts(train_cache, cache)[0]
-    return report_dict(total, caches[0].joint_names)
+        total = total + mean_pose_counts(train_cache, cache, normaliser=protocol.normaliser)[0]
+    return report_dict(total, caches[0].joint_names, protocol)
 
 
 def score_checkpoint(config, checkpoint: dict, caches: list, args, scales) -> dict:
@@ -140,14 +141,15 @@ def score_checkpoint(config, checkpoint: dict, caches: list, args, scales) -> di
     for cache in caches:
         batches = scoring_batches(cache, args.batch_size, 0, 1, device)
         counts, extras = evaluate_batches(model, batches, model.stages, len(joint_names), precision,
-                                          permutation, scales, keep_maps_of=0 if example is None else None)
+                                          permutation, scales, keep_maps_of=0 if example is None else None,
+                                          normaliser=protocol_for(config).normaliser)
         example = example or extras["example"]
         total = total + counts
     if args.figure and example is not None:
         from pipeline.figures import belief_maps_figure
 
         belief_maps_figure(example["image"], example["belief_maps"], joint_names, args.figure)
-    return report_dict(total, joint_names)
+    return report_dict(total, joint_names, protocol_for(config))
 
 
 if __name__ == "__main__":

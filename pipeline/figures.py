@@ -150,7 +150,8 @@ def learning_curve_figure(history: Sequence[dict], path: str | Path) -> Path:
     for key in stage_keys:
         right.plot(epochs, [100 * m[key] for m in rows], marker="o", label=f"stage {names.stage_of_key(key)}")
     right.set_xlabel("epoch")
-    right.set_ylabel("val PCK@0.2 (%)")
+    protocol = names.PCKH if rows and names.PCKH.name in rows[0] else names.PCK
+    right.set_ylabel(f"val {protocol.label.split(' ')[0]} (%)")
     if stage_keys:
         right.legend(fontsize=8)
     fig.tight_layout()

@@ -5,7 +5,7 @@
 
 Prints one row per epoch. Writes into --out: config.yaml, metrics.jsonl (one JSON row per epoch,
 then the test row), checkpoints/epoch_NNNN/checkpoint.pt (the two newest and the best), best.pt (the
-best epoch by validation PCK@0.2), summary.json, and the figures learning_curve.png,
+best epoch by validation PCK@0.2, or PCKh@0.5 for MPII), summary.json, and the figures learning_curve.png,
 belief_maps.png (a validation crop's maps at every stage) and skeletons.png. Checkpoints and
 best.pt are written through temp names, fsynced, then renamed; --resume takes the newest
 checkpoint that loads (a corrupt newest one falls back to the previous kept one, with a warning).
@@ -98,14 +98,17 @@ def fit(args) -> int:
     best_dir = ctx.best_checkpoint_dir()
     if best_dir is not None:  # through a temp file: an earlier best.pt stays whole until replaced
         copy_durably(best_dir / CHECKPOINT_FILE, out / "best.pt")
-    summary = {"name": config.name, "best_epoch": result["best_epoch"], "best_val_pck": result["best_pck"],
+    summary = {"name": config.name, "metric": result["protocol"].name, "best_epoch": result["best_epoch"],
+               "best_val_pck": result["best_pck"],
                "wall_time_s": elapsed, **(result["test"] or {})}
     if not args.no_figures and result["history"]:
         paths = make_figures(result["model"], result["val_cache"], config, out, result["history"])
         summary["figures"] = {k: str(v) for k, v in paths.items()}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
-    print(f"best epoch {result['best_epoch']}: val PCK@0.2 {100 * result['best_pck']:.1f}%"
-          + (f", test PCK@0.2 {100 * result['test']['test_pck']:.1f}%" if result["test"] else "")
+    protocol = result["protocol"]
+    label = protocol.label.split(" ")[0]
+    print(f"best epoch {result['best_epoch']}: val {label} {100 * result['best_pck']:.1f}%"
+          + (f", test {label} {100 * result['test']['test_' + protocol.name]:.1f}%" if result["test"] else "")
           + f"; {elapsed / 60:.1f} min; wrote {out}", flush=True)
     return 0
 

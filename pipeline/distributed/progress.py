@@ -16,6 +16,7 @@ from ray import tune
 from cpm_model.receptive_field import later_layout
 from pipeline.distributed.space import TrialSpec, trial_of
 from pipeline.train import metric_names as names
+from pipeline.train.scoring import protocol_for
 
 COLUMNS = ("#", "stages", "RF px", "kernel", "IS", "seed", "status", "epoch", "pck", "best pck")
 
@@ -24,11 +25,11 @@ def _pct(value) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f}"
 
 
-def _progress_of(trial) -> tuple[str, str, str]:
-    """(epochs done, last validation PCK, best validation PCK) from every row Tune has seen."""
+def _progress_of(trial, metric: str) -> tuple[str, str, str]:
+    """(epochs done, last validation PCK (or PCKh), best of it) from every row Tune has seen."""
     analysis = getattr(trial, "metric_analysis", {}) or {}
     epoch = analysis.get(names.EPOCH, {}).get("max")
-    pck = analysis.get(names.PCK, {})
+    pck = analysis.get(metric, {})
     return (str(int(epoch)) if epoch is not None else "-", _pct(pck.get("last")), _pct(pck.get("max")))
 
 
@@ -69,8 +70,10 @@ class SweepProgress(tune.Callback):
         self.report(trials, done=True)
 
     def report(self, trials, done: bool = False) -> None:
-        rows = [trial_row(i, trial_of(self.specs, t.config), t.status, _progress_of(t))
-                for i, t in enumerate(sorted(trials, key=lambda t: t.trial_id))]
+        rows = []
+        for i, t in enumerate(sorted(trials, key=lambda t: t.trial_id)):
+            spec = trial_of(self.specs, t.config)
+            rows.append(trial_row(i, spec, t.status, _progress_of(t, protocol_for(spec.config).name)))
         table = format_table(rows)
         self._last_time = time.monotonic()
         if table == self._last_table and not done:

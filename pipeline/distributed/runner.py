@@ -26,6 +26,7 @@ from pipeline.tracking.writer import SPOOL_FILE, TrackingWriter, bound_http_retr
 from pipeline.train import metric_names as names
 from pipeline.train.caches import build_split_cache, cache_caps
 from pipeline.train.schedule import total_epochs
+from pipeline.train.scoring import protocol_for
 
 # How long the driver waits for the tracking store to take queued writes: at the end of a sweep,
 # and (shorter: `ray job stop` SIGKILLs 3 s after SIGTERM) when it is stopped.
@@ -253,7 +254,9 @@ def _new_tuner(config: ExperimentConfig, specs: list[TrialSpec], trainable, logg
         trainable,
         param_space=param_space,
         # reuse_actors: a finished trial's process runs the next trial (no new process, no imports).
-        tune_config=tune.TuneConfig(metric=names.PCK, mode="max", scheduler=scheduler, reuse_actors=True,
+        # The objective is validation PCK@0.2 (or PCKh@0.5 for MPII: pipeline.train.scoring.protocol_for).
+        tune_config=tune.TuneConfig(metric=protocol_for(config).name, mode="max", scheduler=scheduler,
+                                    reuse_actors=True,
                                     num_samples=config.sweep.num_samples,
                                     max_concurrent_trials=plan.max_concurrent_trials,
                                     trial_name_creator=lambda t: t.config["trial"]["run_name"].replace(" ", "_"),

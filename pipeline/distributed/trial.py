@@ -22,7 +22,7 @@ from pipeline.distributed.resources import ResourcePlan
 from pipeline.distributed.space import TrialSpec, trial_of
 from pipeline.distributed.worker import DIVERGED_FILE, worker_loop
 from pipeline.train import metric_names as names
-
+from pipeline.train.scoring import protocol_for
 
 _trials_in_this_process = 0
 
@@ -68,7 +68,7 @@ def run_trial(trial_config: dict, specs: dict[str, TrialSpec], plan: ResourcePla
             name=run_name,
             storage_path=storage_path,
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=names.PCK,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=protocol_for(spec.config).name,
                                                          checkpoint_score_order="max"),
             callbacks=[TuneReportCallback()],
             # Tune's progress table shows the metrics; Train's per-report INFO lines repeat them all.

@@ -14,8 +14,8 @@ from pipeline.train import metric_names as names
 # The paper's ablation axes: a run without one of these cannot be placed in any table.
 REQUIRED_PARAMS = ("stages", "receptive_field_px", "intermediate_supervision", "training_scheme")
 # Settings that make two runs different configurations; seeds are pooled, everything else is shown.
-CONFIG_PARAMS = REQUIRED_PARAMS + ("receptive_field_rel_person", "kernel_size", "width", "input_size", "dataset")
-CURVE_PREFIX = names.TEST_CURVE_PREFIX
+CONFIG_PARAMS = REQUIRED_PARAMS + ("receptive_field_rel_person", "kernel_size", "width", "input_size", "dataset",
+                                   "metric")
 SCHEME_LABELS = {  # (training_scheme, intermediate_supervision) -> how the paper names it
     ("joint", True): "joint, intermediate supervision",
     ("joint", False): "joint, no intermediate supervision",
@@ -107,11 +107,18 @@ class ConfigGroup:
     def scheme(self) -> str:
         return self.config["training_scheme"]
 
+    @property
+    def protocol(self) -> names.Protocol:
+        """How the runs were scored (their `metric` param; runs from before it had the torso PCK)."""
+        return names.PROTOCOLS[self.config.get("metric") or names.PCK.name]
+
     def stat(self, key: str) -> Stat:
         return Stat.of([r["metrics"].get(key, math.nan) for r in self.runs])
 
-    def val(self, key: str = "pck") -> Stat:
-        """Validation value at each run's best epoch (best_{key}), else its last value."""
+    def val(self, key: str | None = None) -> Stat:
+        """Validation value at each run's best epoch (best_{key}), else its last value; key defaults
+        to the runs' metric (pck or pckh)."""
+        key = key or self.protocol.name
         return Stat.of([r["metrics"].get(f"best_{key}", r["metrics"].get(key, math.nan)) for r in self.runs])
 
     def label(self) -> str:
@@ -134,16 +141,26 @@ def varying_settings(groups: list[ConfigGroup]) -> list[str]:
     return [p for p in extra if len({g.config[p] for g in groups}) > 1]
 
 
-def joint_names(runs: list[dict]) -> list[str]:
-    """Joints named by the runs' pck_{joint} metrics."""
-    names: dict[str, None] = {}
+def joint_names(runs: list[dict], metric: str = names.PCK.name) -> list[str]:
+    """Joints named by the runs' {metric}_{joint} metrics (pck_ or pckh_)."""
+    found: dict[str, None] = {}
+    prefix = f"{metric}_"
     for run in runs:
         for key in run["metrics"]:
-            if key.startswith("pck_") and not _NOT_JOINTS.match(key[4:]):
-                names[key[4:]] = None
-    return list(names)
+            if key.startswith(prefix) and not _NOT_JOINTS.match(key[len(prefix):]):
+                found[key[len(prefix):]] = None
+    return list(found)
 
 
-def curve_alphas(runs: list[dict]) -> list[float]:
-    alphas = {float(k[len(CURVE_PREFIX):]) for r in runs for k in r["metrics"] if k.startswith(CURVE_PREFIX)}
-    return sorted(alphas)
+def curve_alphas(runs: list[dict], metric: str = names.PCK.name) -> list[float]:
+    prefix = names.test_curve_prefix(metric)
+    return sorted({float(k[len(prefix):]) for r in runs for k in r["metrics"] if k.startswith(prefix)})
+
+
+def protocol_of_groups(groups: list[ConfigGroup]) -> names.Protocol:
+    """The one protocol the groups were scored with (ValueError when they mix PCK and PCKh)."""
+    protocols = {g.protocol for g in groups}
+    if len(protocols) > 1:
+        raise ValueError("the runs mix " + " and ".join(sorted(p.label for p in protocols))
+                         + ": report one sweep at a time (--parent-run-id)")
+    return protocols.pop() if protocols else names.PCK

@@ -18,6 +18,7 @@ from pipeline.reporting.runs import (
     excluded_runs,
     group_by_config,
     joint_names,
+    protocol_of_groups,
     varying_settings,
 )
 from pipeline.tracking import store
@@ -30,8 +31,13 @@ PAPER_RESULTS = (
     ("paper: MPII test-server PCKh@0.5, 6 stages", 6, 87.95),
 )
 PAPER_NOTE = ("Paper rows (Wei et al. 2016) use their own protocol (LSP test PCK@0.2 person-centric, trained on "
-              "LSP+LSPET; MPII test-server PCKh@0.5); ours are PCK@0.2 of the torso on this experiment's data, "
+              "LSP+LSPET; MPII test-server PCKh@0.5); ours are {label} on this experiment's data, "
               "so they are context, not a comparison.")
+
+
+def short(protocol: names.Protocol) -> str:
+    """'PCK@0.2' or 'PCKh@0.5': the column name of the metric."""
+    return protocol.label.split(" ")[0]
 
 
 class Quoted(Stat):
@@ -130,63 +136,66 @@ def _extra_columns(groups: list[ConfigGroup], shown: tuple[str, ...] = ()) -> tu
     return varying, (lambda g: [g.config[p] for p in varying])
 
 
-def stages_table(groups: list[ConfigGroup], joints: list[str]) -> Table:
+def stages_table(groups: list[ConfigGroup], joints: list[str], protocol: names.Protocol = names.PCK) -> Table:
     """The paper's stage ablation: joint training with intermediate supervision, by depth and RF."""
     chosen = [g for g in groups if g.scheme == "joint" and g.supervised]
     extra, extra_of = _extra_columns(chosen)
+    m, label = protocol.name, short(protocol)
     table = Table("ablation_stages",
-                  "PCK@0.2 (%) against the number of stages (joint training, intermediate supervision; "
+                  f"{label} (%) against the number of stages (joint training, intermediate supervision; "
                   "val at the best epoch and test, mean ± std over seeds; per joint: val)",
-                  ["stages", "RF (px)", "RF / person", *extra, "seeds", "val PCK@0.2", "test PCK@0.2",
+                  ["stages", "RF (px)", "RF / person", *extra, "seeds", f"val {label}", f"test {label}",
                    "test AUC (0-0.5)", *[f"val {j}" for j in joints], "source / protocol"])
     for g in sorted(chosen, key=lambda g: (g.stages, g.rf_px)):
         table.rows.append([g.stages, g.rf_px, g.config["receptive_field_rel_person"], *extra_of(g), len(g.runs),
-                           g.val(), g.stat("test_pck"), g.stat("test_auc"), *[g.val(f"pck_{j}") for j in joints],
-                           "ours: PCK@0.2 of the torso"])
+                           g.val(), g.stat(f"test_{m}"), g.stat("test_auc"), *[g.val(f"{m}_{j}") for j in joints],
+                           f"ours: {protocol.label}"])
     for label, stages, value in PAPER_RESULTS:  # the paper's value sits in the test column, named by its protocol
         table.rows.append([stages, "", "", *[""] * len(extra), "", "", Quoted(value / 100, 0.0, 1), "",
                            *[""] * len(joints), label])
-    table.notes.append(PAPER_NOTE)
+    table.notes.append(PAPER_NOTE.format(label=protocol.label))
     return table
 
 
-def receptive_field_table(groups: list[ConfigGroup]) -> Table:
+def receptive_field_table(groups: list[ConfigGroup], protocol: names.Protocol = names.PCK) -> Table:
     """The paper's receptive-field ablation: PCK against the later stages' receptive field."""
     chosen = [g for g in groups if g.scheme == "joint" and g.supervised]
     extra, extra_of = _extra_columns(chosen, shown=("kernel_size",))
+    label = short(protocol)
     table = Table("ablation_receptive_field",
-                  "PCK@0.2 (%) against the receptive field of the later stages (pixels of the input crop)",
-                  ["RF (px)", "RF / person", "kernel", "stages", *extra, "seeds", "val PCK@0.2", "test PCK@0.2",
+                  f"{label} (%) against the receptive field of the later stages (pixels of the input crop)",
+                  ["RF (px)", "RF / person", "kernel", "stages", *extra, "seeds", f"val {label}", f"test {label}",
                    "test AUC (0-0.5)"])
     for g in sorted(chosen, key=lambda g: (g.rf_px, g.stages)):
         table.rows.append([g.rf_px, g.config["receptive_field_rel_person"], g.config["kernel_size"], g.stages,
-                           *extra_of(g), len(g.runs), g.val(), g.stat("test_pck"), g.stat("test_auc")])
+                           *extra_of(g), len(g.runs), g.val(), g.stat(f"test_{protocol.name}"), g.stat("test_auc")])
     return table
 
 
-def supervision_table(groups: list[ConfigGroup]) -> Table:
+def supervision_table(groups: list[ConfigGroup], protocol: names.Protocol = names.PCK) -> Table:
     """Intermediate supervision on/off per depth, and the training schemes."""
     extra, extra_of = _extra_columns(groups)
+    m, label = protocol.name, short(protocol)
     table = Table("ablation_supervision",
-                  "PCK@0.2 (%) by training scheme: joint with and without intermediate supervision, "
+                  f"{label} (%) by training scheme: joint with and without intermediate supervision, "
                   "stage-wise, stage-wise then fine-tuned",
-                  ["stages", "RF (px)", "scheme", "int. sup.", *extra, "seeds", "val PCK@0.2", "test PCK@0.2",
-                   "val PCK@0.2 stage 1"])
+                  ["stages", "RF (px)", "scheme", "int. sup.", *extra, "seeds", f"val {label}", f"test {label}",
+                   f"val {label} stage 1"])
     for g in sorted(groups, key=lambda g: (g.stages, g.rf_px, g.scheme, not g.supervised)):
         table.rows.append([g.stages, g.rf_px, SCHEME_LABELS.get((g.scheme, g.supervised), g.scheme),
                            "on" if g.supervised else "off", *extra_of(g), len(g.runs), g.val(),
-                           g.stat("test_pck"), g.val(names.pck_stage_key(1))])
+                           g.stat(f"test_{m}"), g.val(names.pck_stage_key(1, metric=m))])
     return table
 
 
-def stage_pck_table(groups: list[ConfigGroup]) -> Table:
+def stage_pck_table(groups: list[ConfigGroup], protocol: names.Protocol = names.PCK) -> Table:
     """PCK of every stage of the deepest model(s): rows are stages, columns configurations."""
     deepest = max((g.stages for g in groups), default=0)
     chosen = [g for g in groups if g.stages == deepest]
-    table = Table("stage_pck", f"PCK@0.2 (%, val, best epoch) of every stage of the deepest model ({deepest} stages)",
-                  ["stage", *[g.label() for g in chosen]])
+    table = Table("stage_pck", f"{short(protocol)} (%, val, best epoch) of every stage of the deepest model "
+                  f"({deepest} stages)", ["stage", *[g.label() for g in chosen]])
     for t in range(1, deepest + 1):
-        table.rows.append([t, *[g.val(names.pck_stage_key(t)) for g in chosen]])
+        table.rows.append([t, *[g.val(names.pck_stage_key(t, metric=protocol.name)) for g in chosen]])
     return table
 
 
@@ -195,9 +204,9 @@ def stage_pck_table(groups: list[ConfigGroup]) -> Table:
 def load_runs(client: MlflowClient, experiment_name: str, parent_run_id: str | None = None) -> list[dict]:
     experiment = client.get_experiment_by_name(experiment_name)
     if experiment is None:
-        names = sorted(e.name for e in client.search_experiments(max_results=1000))
+        known = sorted(e.name for e in client.search_experiments(max_results=1000))
         raise ReportError(f"no experiment named {experiment_name!r} in {store.redact_uri(client.tracking_uri)}; "
-                          f"experiments there: {', '.join(names) if names else '(none)'}")
+                          f"experiments there: {', '.join(known) if known else '(none)'}")
     runs = collect_trial_runs(client, experiment.experiment_id, parent_run_id)
     if not runs:
         total = len(client.search_runs([experiment.experiment_id], max_results=1000))
@@ -208,10 +217,10 @@ def load_runs(client: MlflowClient, experiment_name: str, parent_run_id: str | N
 
 
 def runs_overview(runs: list[dict]) -> str:
-    lines = ["| run | status | stages | RF (px) | val PCK@0.2 | note |", "|:---|:---|---:|---:|---:|:---|"]
+    lines = ["| run | status | stages | RF (px) | val PCK@0.2 or PCKh@0.5 | note |", "|:---|:---|---:|---:|---:|:---|"]
     excluded = dict((r["run_id"], why) for r, why in excluded_runs(runs))
     for r in runs:
-        best = r["metrics"].get("best_pck", r["metrics"].get("pck"))
+        best = next((r["metrics"][k] for k in ("best_pck", "best_pckh", "pck", "pckh") if k in r["metrics"]), None)
         lines.append(f"| {r['name']} | {r['status']} | {r['params'].get('stages', '?')} | "
                      f"{r['params'].get('receptive_field_px', '?')} | {_pct(best) if best is not None else '-'} | "
                      f"{excluded.get(r['run_id'], '')} |")
@@ -235,9 +244,13 @@ def build_report(runs: list[dict], out_dir: Path) -> Report:
     from pipeline.reporting.figures import draw_figures
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    joints = joint_names([r for g in groups for r in g.runs])
-    tables = [stages_table(groups, joints), receptive_field_table(groups), supervision_table(groups),
-              stage_pck_table(groups)]
+    try:
+        protocol = protocol_of_groups(groups)
+    except ValueError as exc:
+        raise ReportError(str(exc)) from None
+    joints = joint_names([r for g in groups for r in g.runs], protocol.name)
+    tables = [stages_table(groups, joints, protocol), receptive_field_table(groups, protocol),
+              supervision_table(groups, protocol), stage_pck_table(groups, protocol)]
     files: list[Path] = []
     sections = []
     for table in tables:
@@ -248,7 +261,7 @@ def build_report(runs: list[dict], out_dir: Path) -> Report:
             files.append(out_dir / f"{table.name}{suffix}")
         to_csv(table, out_dir / f"{table.name}.csv")
         files.append(out_dir / f"{table.name}.csv")
-    files += draw_figures(groups, joints, out_dir)
+    files += draw_figures(groups, joints, out_dir, protocol)
     combined = "\n".join(sections)
     (out_dir / "report.md").write_text(combined)
     files.append(out_dir / "report.md")

@@ -20,6 +20,7 @@ from pipeline.distributed.space import TrialSpec, trial_of
 from pipeline.tracking import store
 from pipeline.tracking.writer import TrackingWriter, active_writer, metrics_op, ref_key, run_ref
 from pipeline.train import metric_names as names
+from pipeline.train.scoring import protocol_for
 
 _SKIP = {names.EPOCH, "training_iteration", "timestamp", "time_this_iter_s", "time_total_s", "pid",
          "time_since_restore", "iterations_since_restore", "done", "trial_id", "date", "hostname",
@@ -52,6 +53,7 @@ def trial_params(spec, cache_hashes: dict[str, str]) -> dict[str, Any]:
         "learning_rate": c.train.lr,
         "optimizer": c.train.optimizer,
         "seed": c.train.seed,
+        "metric": protocol_for(c).name,  # pck (PCK@0.2, torso) or pckh (PCKh@0.5, MPII)
     }
     params.update(c.flat_params())
     return params
@@ -158,7 +160,8 @@ class MLflowTrialLogger(tune.Callback):
             self._log_artifacts(ref, result)
         elif metrics:
             # A summary row (the test split) comes once per trial; a resumed trial may send it again.
-            probe = "test_pck" if "test_pck" in metrics else sorted(metrics)[0]
+            test_key = names.TEST_PREFIX + protocol_for(self._identity(trial)[0].config).name
+            probe = test_key if test_key in metrics else sorted(metrics)[0]
             self.writer.submit(metrics_op(ref, metrics, int(result.get("epoch", 0) or 0), probe, guard=True))
 
     def _log_artifacts(self, ref: dict, result: dict) -> None:

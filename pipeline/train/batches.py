@@ -30,7 +30,7 @@ from cpm_model.config import ExperimentConfig
 DEVICE_KEYS = ("images", "belief_maps", "joints")
 TRAIN_KEYS = ("images", "belief_maps", "joints")  # without augmentation: the cached targets
 AUGMENTED_TRAIN_KEYS = ("images", "joints")  # with it: targets re-rendered from the warped joints
-EVAL_KEYS = ("images", "affine", "joints_original", "torso")
+EVAL_KEYS = ("images", "affine", "joints_original", "torso", "head_size")  # both normalisers: PCK and PCKh
 
 
 def derived_seed(*parts: int) -> int:

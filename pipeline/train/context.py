@@ -189,19 +189,23 @@ class LocalContext(WorkerContext):
                 ("images_per_s", "{:>8}", "{:>8.1f}"))
 
     def _print_row(self, metrics: dict) -> None:
-        if not names.is_epoch_row(metrics):  # a summary row (e.g. the test score): print it whole
-            print("  ".join(f"{k}={_fmt(v)}" for k, v in metrics.items() if not k.startswith("test_pck_") or "stage" in k),
-                  flush=True)
+        metric = names.PCKH.name if names.PCKH.name in metrics else names.PCK.name  # the dataset's protocol
+        if not names.is_epoch_row(metrics):  # a summary row (e.g. the test score): its totals, not per joint
+            shown = {k: v for k, v in metrics.items()
+                     if not k.startswith(f"{names.TEST_PREFIX}{metric}_") or "stage" in k}
+            print("  ".join(f"{k}={_fmt(v)}" for k, v in shown.items()), flush=True)
             return
         stage_keys = names.stage_keys(metrics)
+        columns = [(key.replace(names.PCK.name, metric, 1) if key.startswith(names.PCK.name) else key, head, fmt)
+                   for key, head, fmt in self._COLUMNS]
         if not self._printed_header:
             short = {"epoch_time_s": "time_s", "images_per_s": "img/s"}
-            header = [fmt.format(short.get(key, key)) for key, fmt, _ in self._COLUMNS]
-            header += [f"{'pck_s' + str(names.stage_of_key(k)):>7}" for k in stage_keys]
+            header = [fmt.format(short.get(key, key)) for key, fmt, _ in columns]
+            header += [f"{metric + '_s' + str(names.stage_of_key(k)):>7}" for k in stage_keys]
             print(" ".join(header), flush=True)
             self._printed_header = True
         cells = []
-        for key, head_fmt, fmt in self._COLUMNS:
+        for key, head_fmt, fmt in columns:
             value = metrics.get(key)
             cells.append(fmt.format(value) if isinstance(value, (int, float)) and value is not None
                          else head_fmt.format("-"))

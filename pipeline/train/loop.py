@@ -49,7 +49,7 @@ from pipeline.train.schedule import (
     total_epochs,
     training_phases,
 )
-from pipeline.train.scoring import curve_metrics, evaluate_batches, summarize
+from pipeline.train.scoring import curve_metrics, evaluate_batches, protocol_for, summarize
 
 
 class TrainingDivergedError(RuntimeError):
@@ -94,14 +94,14 @@ class TrainState:
     history: list[dict] = field(default_factory=list)  # one metrics row per completed epoch
     best_epoch: int | None = None
     best_weights: dict | None = None  # a CPU copy of the best epoch's weights
+    objective: str = names.PCK.name  # the validation metric that picks the best epoch (pck or pckh)
 
     @property
     def best_pck(self) -> float:
         return self._score(self.history[self.best_epoch - 1]) if self.best_epoch else -math.inf
 
-    @staticmethod
-    def _score(metrics: dict) -> float:
-        pck = metrics[names.PCK]
+    def _score(self, metrics: dict) -> float:
+        pck = metrics[self.objective]
         return -math.inf if math.isnan(pck) else pck
 
     def restore(self, checkpoint: dict, source: str) -> None:
@@ -208,14 +208,16 @@ def check_finite_loss(loss_sum: float, sums: dict, ctx: WorkerContext, epoch: in
 
 
 def validate(model, cache, config: ExperimentConfig, ctx: WorkerContext, flip_permutation=None):
-    """PCK counts over a whole split, summed over ranks (each rank scores its own shard)."""
+    """PCK counts (with the normaliser of the dataset's protocol) over a whole split, summed over
+    ranks (each rank scores its own shard)."""
     batches = scoring_batches(cache, config.train.batch_size, ctx.rank, ctx.world_size, ctx.device)
     counts, _ = evaluate_batches(model, batches, model.stages, model.num_parts, config.train.precision,
-                                 flip_permutation if config.train.eval_flip else None)
+                                 flip_permutation if config.train.eval_flip else None,
+                                 normaliser=protocol_for(config).normaliser)
     return counts.reduced(ctx.all_reduce_sum)
 
 
-def epoch_metrics(epoch: int, reduced: np.ndarray, world_size: int, counts, joint_names, lr: float,
+def epoch_metrics(epoch: int, reduced: np.ndarray, world_size: int, counts, joint_names, protocol, lr: float,
                   trained_stage: int | None, epoch_time_s: float) -> dict:
     """One epoch's row. `reduced` = [loss sum, steps, images, train seconds, per-stage loss sums...]
     summed over ranks."""
@@ -224,7 +226,7 @@ def epoch_metrics(epoch: int, reduced: np.ndarray, world_size: int, counts, join
     metrics = {names.EPOCH: epoch, names.TRAIN_LOSS: float(loss_sum / steps)}
     for s, value in enumerate(reduced[4:]):
         metrics[names.train_loss_stage_key(s + 1)] = float(value / steps)
-    metrics.update(summarize(counts, joint_names))
+    metrics.update(summarize(counts, joint_names, protocol))
     metrics["val_num_samples"] = counts.num_samples
     metrics["lr"] = lr  # the rate reached at the end of the epoch
     metrics["trained_stage"] = trained_stage if trained_stage is not None else 0
@@ -243,10 +245,11 @@ def score_test_split(model, config: ExperimentConfig, ctx: WorkerContext, flip_p
     except EmptySplitError:
         return {}
     counts = validate(model, test_cache, config, ctx, flip_permutation)
-    out = summarize(counts, test_cache.joint_names, prefix=names.TEST_PREFIX)
+    protocol = protocol_for(config)
+    out = summarize(counts, test_cache.joint_names, protocol, prefix=names.TEST_PREFIX)
     out["test_num_samples"] = counts.num_samples
     out["test_num_without_norm"] = counts.num_without_norm
-    out.update(curve_metrics(counts))
+    out.update(curve_metrics(counts, protocol))
     return out
 
 
@@ -262,7 +265,8 @@ def new_or_restored_state(config: ExperimentConfig, ctx: WorkerContext, num_part
     model = with_sync_batch_norm(model, ctx.device.type, ctx.world_size)  # before DDP wraps it, once
     optimizer = make_optimizer(model, t)
     schedule = PhaseSchedule(training_phases(config), steps_per_epoch, t)
-    state = TrainState(model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule))
+    state = TrainState(model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule),
+                       objective=protocol_for(config).name)
     restore_dirs = ctx.restore_checkpoint_dirs()
     if restore_dirs:  # newest first; a corrupt one falls back to the next, with a warning
         path, checkpoint = load_newest_usable([Path(d) / CHECKPOINT_FILE for d in restore_dirs], expected_config=config)
@@ -278,11 +282,12 @@ def train_worker(config: ExperimentConfig | dict, ctx: WorkerContext, progress: 
     """Train, validate every epoch, checkpoint every epoch, then score the best epoch on the test split.
 
     cache_paths: optional {split: HDF5 cache file} to use instead of building from config.data.
-    Returns {"history": [metrics per epoch], "best_epoch", "best_pck", "test": {...}, "model", ...}.
+    Returns {"history": [metrics per epoch], "best_epoch", "best_pck" (its validation PCK or PCKh),
+    "protocol", "test": {...}, "model", ...}.
     """
     config = config if isinstance(config, ExperimentConfig) else from_dict(config)
     t, device = config.train, ctx.device
-    phases, epochs = training_phases(config), total_epochs(config)
+    phases, epochs, protocol = training_phases(config), total_epochs(config), protocol_for(config)
     train_cache, val_cache = open_caches(config, ctx, ("train", "val"), progress, cache_paths).values()
     ctx.mark("caches_open")
     joint_names, flip_pairs = train_cache.joint_names, train_cache.flip_pairs
@@ -311,7 +316,7 @@ def train_worker(config: ExperimentConfig | dict, ctx: WorkerContext, progress: 
                                                      sums["stage_loss_sum"]]))
         check_finite_loss(float(reduced[0]), sums, ctx, epoch + 1)
         counts = validate(model, val_cache, config, ctx, flip_permutation)
-        metrics = state.record(epoch_metrics(epoch + 1, reduced, ctx.world_size, counts, joint_names,
+        metrics = state.record(epoch_metrics(epoch + 1, reduced, ctx.world_size, counts, joint_names, protocol,
                                              optimizer.param_groups[0]["lr"], phase.stage,
                                              time.perf_counter() - epoch_start))
         report_with_checkpoint(ctx, metrics, state.checkpoint(config, joint_names, flip_pairs) if ctx.is_chief else None)
@@ -321,7 +326,8 @@ def train_worker(config: ExperimentConfig | dict, ctx: WorkerContext, progress: 
         model.load_state_dict(state.best_weights)
     test = score_test_split(model, config, ctx, flip_permutation, progress, cache_paths)
     if test:
-        ctx.report({names.EPOCH: epochs, names.BEST_EPOCH: state.best_epoch, "best_pck": state.best_pck, **test})
-    return {"history": state.history, "best_epoch": state.best_epoch, "best_pck": state.best_pck,
+        best_key = names.BEST_PREFIX + protocol.name
+        ctx.report({names.EPOCH: epochs, names.BEST_EPOCH: state.best_epoch, best_key: state.best_pck, **test})
+    return {"history": state.history, "best_epoch": state.best_epoch, "best_pck": state.best_pck, "protocol": protocol,
             "joint_names": list(joint_names), "init_weights": init_note, "epochs": epochs, "test": test or None,
             "model": model, "val_cache": val_cache}

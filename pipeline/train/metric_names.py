@@ -7,14 +7,36 @@ An epoch row carries `train_loss`; summary rows (the test split, the artifacts) 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How a dataset's predictions are scored: the metric's key, the cache array that normalises
+    the distances, its threshold (and a stricter one), and how tables name it."""
+
+    name: str  # the metric's key: "pck" (LSP's torso convention) or "pckh" (MPII's head convention)
+    normaliser: str  # the cache array: "torso" or "head_size" (0.6 x the head box's diagonal)
+    alpha: float
+    strict_alpha: float
+    label: str
+
+
+PCK = Protocol("pck", "torso", 0.2, 0.1, "PCK@0.2 (torso)")
+PCKH = Protocol("pckh", "head_size", 0.5, 0.1, "PCKh@0.5")
+PROTOCOLS = {p.name: p for p in (PCK, PCKH)}
+
+
+def protocol_of(dataset_kind: str) -> Protocol:
+    """MPII is scored with PCKh@0.5; LSP, LSPET and the synthetic set with the torso PCK@0.2."""
+    return PCKH if dataset_kind == "mpii" else PCK
+
 
 EPOCH = "epoch"
 TRAIN_LOSS = "train_loss"  # the key that marks an epoch row
-PCK = "pck"  # last stage, PCK@0.2: the sweep's objective and the checkpoint score
 BEST_EPOCH = "best_epoch"
 BEST_PREFIX = "best_"  # best_{key}: the value of {key} at the best epoch
 TEST_PREFIX = "test_"
-TEST_CURVE_PREFIX = "test_pck_curve_a"  # test_pck_curve_a0.20 = test PCK at alpha 0.20
 
 RESENT = "resent"  # on a row a restored worker sends again (1): its epoch was reported before
 
@@ -22,28 +44,27 @@ RESENT = "resent"  # on a row a restored worker sends again (1): its epoch was r
 ARTIFACTS_DIR = "artifacts_dir"
 BEST_CHECKPOINT_DIR = "best_checkpoint_dir"
 
-_STAGE_KEY = re.compile(r"^(?P<prefix>.*)pck_stage(?P<stage>\d+)$")
+_STAGE_KEY = re.compile(r"^(?P<prefix>.*?)(?P<metric>pckh?)_stage(?P<stage>\d+)$")
 
 
 def is_epoch_row(metrics: dict) -> bool:
     return TRAIN_LOSS in metrics
 
 
-def pck_stage_key(stage: int, prefix: str = "") -> str:
-    """The key of stage `stage`'s (1-based) PCK@0.2, e.g. 'pck_stage2' or 'test_pck_stage2'."""
-    return f"{prefix}pck_stage{stage}"
+def pck_stage_key(stage: int, prefix: str = "", metric: str = PCK.name) -> str:
+    """The key of stage `stage`'s (1-based) PCK, e.g. 'pck_stage2', 'test_pck_stage2', 'pckh_stage2'."""
+    return f"{prefix}{metric}_stage{stage}"
 
 
 def stage_of_key(key: str) -> int | None:
-    """2 for 'pck_stage2' (or 'test_pck_stage2'), None for any other key."""
+    """2 for 'pck_stage2' (or 'test_pck_stage2', 'pckh_stage2'), None for any other key."""
     match = _STAGE_KEY.match(key)
     return int(match["stage"]) if match else None
 
 
 def stage_keys(metrics: dict, prefix: str = "") -> list[str]:
-    """The pck_stage{t} keys of a row (with `prefix`), in stage order."""
-    found = [k for k in metrics if k.startswith(f"{prefix}pck_stage") and stage_of_key(k) is not None
-             and _STAGE_KEY.match(k)["prefix"] == prefix]
+    """The pck_stage{t} (or pckh_stage{t}) keys of a row, with `prefix`, in stage order."""
+    found = [k for k in metrics if (match := _STAGE_KEY.match(k)) and match["prefix"] == prefix]
     return sorted(found, key=stage_of_key)
 
 
@@ -51,8 +72,13 @@ def train_loss_stage_key(stage: int) -> str:
     return f"train_loss_stage{stage}"
 
 
-def test_curve_key(alpha: float) -> str:
-    return f"{TEST_CURVE_PREFIX}{alpha:.2f}"
+def test_curve_prefix(metric: str = PCK.name) -> str:
+    """'test_pck_curve_a': test_pck_curve_a0.20 is the test PCK at alpha 0.20."""
+    return f"{TEST_PREFIX}{metric}_curve_a"
+
+
+def test_curve_key(alpha: float, metric: str = PCK.name) -> str:
+    return f"{test_curve_prefix(metric)}{alpha:.2f}"
 
 
 def is_best_tracked(key: str) -> bool:
