@@ -253,10 +253,9 @@ def _new_tuner(config: ExperimentConfig, specs: list[TrialSpec], trainable, logg
     return tune.Tuner(
         trainable,
         param_space=param_space,
-        # reuse_actors: a finished trial's process runs the next trial (no new process, no imports).
         # The objective is validation PCK@0.2 (or PCKh@0.5 for MPII: pipeline.train.scoring.protocol_for).
+        # Trial processes are not reused (reuse_actors): see bench/RESULTS.md, "Sweep start-up".
         tune_config=tune.TuneConfig(metric=protocol_for(config).name, mode="max", scheduler=scheduler,
-                                    reuse_actors=True,
                                     num_samples=config.sweep.num_samples,
                                     max_concurrent_trials=plan.max_concurrent_trials,
                                     trial_name_creator=lambda t: t.config["trial"]["run_name"].replace(" ", "_"),
