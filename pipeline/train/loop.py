@@ -326,8 +326,8 @@ def train_worker(config: ExperimentConfig | dict, ctx: WorkerContext, progress: 
         model.load_state_dict(state.best_weights)
     test = score_test_split(model, config, ctx, flip_permutation, progress, cache_paths)
     if test:
-        best_key = names.BEST_PREFIX + protocol.name
-        ctx.report({names.EPOCH: epochs, names.BEST_EPOCH: state.best_epoch, best_key: state.best_pck, **test})
+        # best_* metrics come from the best epoch's own row (pipeline.tracking.trial_logger).
+        ctx.report({names.EPOCH: epochs, names.BEST_EPOCH: state.best_epoch, **test})
     return {"history": state.history, "best_epoch": state.best_epoch, "best_pck": state.best_pck, "protocol": protocol,
             "joint_names": list(joint_names), "init_weights": init_note, "epochs": epochs, "test": test or None,
             "model": model, "val_cache": val_cache}
