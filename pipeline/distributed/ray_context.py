@@ -18,7 +18,6 @@ import torch.distributed as dist
 
 from pipeline.train import metric_names as names
 from pipeline.train.context import WorkerContext
-from pipeline.train.progress import NoProgress
 
 # A trial's start-up, moment by moment (wall-clock times; the first two come from the trial's
 # driver, on the same node as Tune): the trial's process started -> its trainable ran ->
@@ -69,7 +68,7 @@ class RayTrainContext(WorkerContext):
 
     def epoch_progress(self, epoch: int, epochs: int, steps: int, batch_size: int):
         inner = super().epoch_progress(epoch, epochs, steps, batch_size)
-        return inner if "first_step" in self.moments else _FirstStep(self, inner or NoProgress())
+        return inner if "first_step" in self.moments else _FirstStep(self, inner)
 
     def all_reduce_sum(self, values: np.ndarray) -> np.ndarray:
         values = np.asarray(values, dtype=np.float64)

@@ -24,9 +24,6 @@ from pipeline.distributed.worker import DIVERGED_FILE, worker_loop
 from pipeline.train import metric_names as names
 from pipeline.train.scoring import protocol_for
 
-_trials_in_this_process = 0
-
-
 def _process_start_time() -> float | None:
     """When this process started (wall clock; for a trial's actor, about when Tune launched it),
     from Linux's /proc; None elsewhere."""
@@ -44,10 +41,8 @@ def run_trial(trial_config: dict, specs: dict[str, TrialSpec], plan: ResourcePla
               driver_versions: dict[str, str]) -> None:
     """The Tune trainable. `trial_config` = {"trial": {...grid point...}, "search": {...sampled...}};
     `specs` = the sweep's trials by key, as the driver expanded them."""
-    global _trials_in_this_process
-    # Tune reuses a trial's process for the next trial (reuse_actors): only a new one has a start-up.
-    started = _process_start_time() if _trials_in_this_process == 0 else None
-    _trials_in_this_process += 1
+    # Each trial runs in a process of its own (reuse_actors is off), so its start is the trial's.
+    started = _process_start_time()
     startup_moments = {"trial": time.time(), **({"trial_process": started} if started else {})}
     spec = trial_of(specs, trial_config)
     resources = {"CPU": plan.cpus_per_worker}
