@@ -2,6 +2,7 @@
 
     python -m pipeline.evaluate --checkpoint CKPT --data SPEC [--split test|val|train|all]
         [--flip] [--scales 0.8,1.0,1.2] [--json FILE] [--figure PNG]
+    python -m pipeline.evaluate --model models:/NAME/VERSION --data SPEC     # a model a sweep logged
     python -m pipeline.evaluate --baseline mean-pose --data SPEC [--config FILE] [--json FILE]
 
 The protocol is validation's (pipeline.train.scoring): every stage decoded, mapped back to
@@ -59,7 +60,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", help="checkpoint file (checkpoint.pt / best.pt) or its directory")
     parser.add_argument("--run-id", default=None, help="score an MLflow trial run's best checkpoint instead")
-    parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for --run-id "
+    parser.add_argument("--model", default=None, help="score an MLflow model a sweep logged instead: "
+                        "models:/NAME/VERSION or runs:/RUN_ID/model")
+    parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for --run-id and --model "
                         "(default: MLFLOW_TRACKING_URI or the embedded SQLite store)")
     parser.add_argument("--baseline", choices=["mean-pose"], help="score a baseline instead of a checkpoint")
     parser.add_argument("--data", help="data spec, e.g. lspet:/data/lspet (default: the checkpoint's)")
@@ -97,12 +100,20 @@ def run(args) -> dict:
 
     scales = parse_scales(args.scales)
     check_counts(args)
+    given = [flag for flag, value in (("--checkpoint", args.checkpoint), ("--run-id", args.run_id),
+                                      ("--model", args.model), ("--baseline", args.baseline)) if value]
+    if len(given) > 1:
+        raise UsageError(f"give one of --checkpoint, --run-id, --model and --baseline, not {' and '.join(given)}")
     if args.run_id:
-        from pipeline.tracking.store import best_checkpoint_of_run
+        from pipeline.tracking.pose_model import best_checkpoint_of_run
 
         args.checkpoint = str(best_checkpoint_of_run(args.run_id, args.tracking_uri))
+    if args.model:
+        from pipeline.tracking.pose_model import checkpoint_of_model
+
+        args.checkpoint = str(checkpoint_of_model(args.model, args.tracking_uri))
     if args.baseline is None and not args.checkpoint:
-        raise UsageError("give --checkpoint CKPT, --run-id RUN or --baseline mean-pose")
+        raise UsageError("give --checkpoint CKPT, --run-id RUN, --model URI or --baseline mean-pose")
     checkpoint = None if args.baseline else load_checkpoint(args.checkpoint)
     config = config_from_args(args) if args.baseline else with_overrides(checkpoint["config"], args.overrides)
     config = with_overrides(config, [], data__spec=args.data, data__cache_dir=args.cache_dir)

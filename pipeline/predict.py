@@ -1,6 +1,7 @@
 """Joints of one person in one image, with a trained checkpoint.
 
     python -m pipeline.predict --checkpoint runs/lspet/best.pt photo.jpg [--center X,Y] [--out skeleton.png]
+    python -m pipeline.predict --model models:/cpm-lspet/1 photo.jpg    # a model logged by a sweep
 
 The crop is the evaluation crop (no ground truth): centred on the image centre (or --center) with
 a side derived from the image size, as in preprocessing.crops. Prints JSON: per joint its name,
@@ -21,15 +22,15 @@ from pipeline.cli import UsageError, report_input_errors
 
 def read_image(path: str | Path) -> np.ndarray:
     """RGB uint8 (H, W, 3); FileNotFoundError naming the file when it is missing or unreadable."""
-    import cv2
+    from pipeline.train.inference import decode_image
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image {path} does not exist")
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if image is None:
-        raise FileNotFoundError(f"image {path} could not be decoded as an image")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    try:
+        return decode_image(path.read_bytes(), f"image {path}")
+    except ValueError as exc:
+        raise FileNotFoundError(str(exc)) from None
 
 
 def parse_center(text: str | None) -> np.ndarray | None:
@@ -45,7 +46,11 @@ def parse_center(text: str | None) -> np.ndarray | None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.predict", description=__doc__.split("\n\n")[0])
     parser.add_argument("image", help="an image file (one person, roughly centred unless --center)")
-    parser.add_argument("--checkpoint", required=True, help="checkpoint file (best.pt) or its directory")
+    weights = parser.add_mutually_exclusive_group(required=True)
+    weights.add_argument("--checkpoint", help="checkpoint file (best.pt) or its directory")
+    weights.add_argument("--model", help="an MLflow model a sweep logged: models:/NAME/VERSION or runs:/RUN_ID/model")
+    parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for --model "
+                        "(default: MLFLOW_TRACKING_URI or the embedded SQLite store)")
     parser.add_argument("--center", default=None, help="person centre X,Y in original pixels")
     parser.add_argument("--flip", action="store_true", help="average with the mirrored crop")
     parser.add_argument("--out", default=None, help="draw the skeleton on the image into this PNG")
@@ -55,33 +60,26 @@ def main(argv: list[str] | None = None) -> int:
     return report_input_errors(lambda: predict_to_outputs(args))
 
 
-def load_model(checkpoint_path: str):
-    """(model in eval mode, config, joint names, flip pairs) of a checkpoint file."""
-    from cpm_model.joints import LSP
-    from pipeline.train.checkpoint import load_checkpoint, load_model_state
-    from pipeline.train.inference import build_model
+def checkpoint_path(args) -> str:
+    """--checkpoint as given, or the checkpoint inside the MLflow model of --model."""
+    if args.model is None:
+        return args.checkpoint
+    from pipeline.tracking.pose_model import checkpoint_of_model
 
-    checkpoint = load_checkpoint(checkpoint_path)
-    config = checkpoint["config"]
-    joint_names = checkpoint.get("joint_names") or list(LSP.names)
-    model = build_model(config, len(joint_names))
-    load_model_state(model, checkpoint["model"], f"checkpoint {checkpoint_path}")
-    return model.eval(), config, joint_names, checkpoint.get("flip_pairs")
+    return str(checkpoint_of_model(args.model, args.tracking_uri))
 
 
 def predict_to_outputs(args) -> int:
     from cpm_model.joints import flip_permutation
-    from pipeline.train.inference import predict_image
+    from pipeline.train.inference import joint_records, load_trained_model, predict_image
 
     center = parse_center(args.center)
-    model, config, joint_names, flip_pairs = load_model(args.checkpoint)
+    model, config, joint_names, flip_pairs = load_trained_model(checkpoint_path(args))
     image = read_image(args.image)
     permutation = flip_permutation(len(joint_names), flip_pairs) if args.flip and flip_pairs else None
     result = predict_image(model, config, image, center, permutation)
     output = {"image": str(args.image), "image_size": list(image.shape[:2]),
-              "joints": [{"name": name, "x": round(float(x), 2), "y": round(float(y), 2),
-                          "confidence": round(float(c), 4)}
-                         for name, (x, y), c in zip(joint_names, result["joints"], result["confidence"])]}
+              "joints": joint_records(joint_names, result["joints"], result["confidence"])}
     print(json.dumps(output, indent=1))
     if args.out:
         from pipeline.figures import skeleton_figure

@@ -5,6 +5,7 @@
     python pipeline/sweep.py --dry-run                              # list the trials and exit
     python pipeline/sweep.py --resume                               # continue the last sweep
     python pipeline/sweep.py --config configs/lspet_cpu.yaml --single  # one configuration, one trial
+    python pipeline/sweep.py --register cpm-default                 # then register the best trial's model
 
 The driver resolves the config, checks the tracking store, builds each cache once, opens the
 sweep's parent MLflow run and starts Tune: each trial fits a TorchTrainer; a Tune callback in
@@ -43,6 +44,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--single", action="store_true",
                         help="train the preset's base configuration alone: its grid and search are left out, "
                         "the run is tracked, checkpointed and resumable like a sweep's trial")
+    parser.add_argument("--register", default=None, metavar="NAME",
+                        help="at the end, register the best finished trial's MLflow model as a new version of NAME "
+                        "in the model registry (models:/NAME/VERSION)")
     parser.add_argument("--sweep-id", default=None,
                         help="name the sweep (default: preset name + start time + a random suffix)")
     return parser.parse_args(argv)
@@ -65,6 +69,14 @@ def check_arguments(args: argparse.Namespace) -> None:
         check_path_component(args.sweep_id, "--sweep-id")
     if args.resume not in (None, "latest"):
         check_path_component(args.resume, "--resume")
+    if args.register is not None:
+        from pipeline.tracking.errors import TrackingError
+        from pipeline.tracking.pose_model import check_model_name
+
+        try:
+            check_model_name(args.register)
+        except TrackingError as exc:
+            raise ConfigError(str(exc)) from None
 
 
 def main(argv=None) -> int:
@@ -103,7 +115,26 @@ def main(argv=None) -> int:
     except SweepStopped as exc:
         print(f"{exc}: continue with the same command and --resume", file=sys.stderr)
         return exc.exit_code
+    if args.register and outcome.completed:
+        return register(config, outcome, args.register)
     return 0 if outcome.completed else 1
+
+
+def register(config: ExperimentConfig, outcome, name: str) -> int:
+    """The best trial's model as a new version of `name`; a store that refuses it is exit 2."""
+    from pipeline.tracking import store
+    from pipeline.tracking.errors import TrackingError
+    from pipeline.tracking.pose_model import register_best_model
+
+    uri = store.resolve_tracking_uri(config.tracking.tracking_uri)
+    try:
+        version, run, score, protocol = register_best_model(uri, outcome.experiment_id, outcome.parent_run_id, name)
+    except TrackingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"Registered models:/{name}/{version.version}: {run.info.run_name} (run {run.info.run_id}), "
+          f"validation {protocol.label} {100 * score:.1f}%")
+    return 0
 
 
 if __name__ == "__main__":

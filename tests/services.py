@@ -29,36 +29,32 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_healthy(base: str, server: subprocess.Popen, log: Path, timeout_s: float = 180) -> None:
+def wait_healthy(base: str, server: subprocess.Popen, log: Path, timeout_s: float = 180, path: str = "/health") -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if server.poll() is not None:
-            pytest.fail(f"mlflow server exited ({server.returncode}):\n{log.read_text()[-3000:]}")
+            pytest.fail(f"server exited ({server.returncode}):\n{log.read_text()[-3000:]}")
         try:
-            with NO_PROXY.open(base + "/health", timeout=5) as response:
+            with NO_PROXY.open(base + path, timeout=5) as response:
                 if response.status == 200:
                     return
         except OSError:
             pass
         time.sleep(1)
-    pytest.fail(f"mlflow server did not answer /health within {timeout_s} s:\n{log.read_text()[-3000:]}")
+    pytest.fail(f"server did not answer {path} within {timeout_s} s:\n{log.read_text()[-3000:]}")
 
 
 @contextlib.contextmanager
-def mlflow_server(backend_store_uri: str, workdir: Path):
-    """`mlflow server` on a free loopback port; yields its base URL (http://127.0.0.1:PORT)."""
-    port = free_port()
-    log = workdir / f"mlflow-server-{port}.log"
-    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-               "--workers", "1",  # one worker starts fast on a small machine
-               "--backend-store-uri", backend_store_uri, "--artifacts-destination", str(workdir / "artifacts")]
+def serving(command: list[str], port: int, log: Path, workdir: Path, env: dict, health_path: str = "/health"):
+    """Run `command` (a server on `port`) in its own process group; yields http://127.0.0.1:PORT
+    once `health_path` answers, and stops the whole group afterwards."""
     with log.open("w") as handle:
         server = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, cwd=workdir,
-                                  env={**os.environ, **LOOPBACK_ENV},
+                                  env={**os.environ, **LOOPBACK_ENV, **env},
                                   start_new_session=True)  # its own group: stopping it stops its workers
     base = f"http://127.0.0.1:{port}"
     try:
-        wait_healthy(base, server, log)
+        wait_healthy(base, server, log, path=health_path)
         yield base
     finally:
         if server.poll() is None:
@@ -67,6 +63,28 @@ def mlflow_server(backend_store_uri: str, workdir: Path):
                 server.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 os.killpg(server.pid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def mlflow_server(backend_store_uri: str, workdir: Path):
+    """`mlflow server` on a free loopback port; yields its base URL (http://127.0.0.1:PORT)."""
+    port = free_port()
+    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+               "--workers", "1",  # one worker starts fast on a small machine
+               "--backend-store-uri", backend_store_uri, "--artifacts-destination", str(workdir / "artifacts")]
+    with serving(command, port, workdir / f"mlflow-server-{port}.log", workdir, {}) as base:
+        yield base
+
+
+@contextlib.contextmanager
+def model_server(model_uri: str, tracking_uri: str, workdir: Path):
+    """`mlflow models serve` of `model_uri` in this environment, on a free loopback port."""
+    port = free_port()
+    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
+               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    with serving(command, port, workdir / f"model-server-{port}.log", workdir,
+                 {"MLFLOW_TRACKING_URI": tracking_uri}, health_path="/ping") as base:
+        yield base
 
 
 def postgres_bin_dir() -> Path:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mlflow
 import pytest
 from mlflow import MlflowClient
 from services import LOOPBACK_ENV, mlflow_server, postgres_server
@@ -172,6 +173,10 @@ def test_sweep_straight_into_postgres_stores_and_prints_no_password(postgres, tm
         stored += [(f"{run.info.run_name} params/tags", repr((run.data.params, run.data.tags)).encode())]
         artifacts = Path(client.download_artifacts(run.info.run_id, "", str(tmp_path / "downloads" / run.info.run_id)))
         stored += [(str(p), p.read_bytes()) for p in artifacts.rglob("*") if p.is_file()]
+    for model in client.search_logged_models([parent.info.experiment_id]):  # each trial's pose model
+        files = Path(mlflow.artifacts.download_artifacts(artifact_uri=model.model_uri, tracking_uri=uri,
+                                                         dst_path=str(tmp_path / "downloads" / model.model_id)))
+        stored += [(str(p), p.read_bytes()) for p in files.rglob("*") if p.is_file()]
     assert any(where.endswith("config.yaml") for where, _ in stored)
     assert any(where.endswith("best_model.pt") for where, _ in stored)
     # Ray's files: Tune's pickled state (tuner.pkl holds the MLflow callback), results, checkpoints.

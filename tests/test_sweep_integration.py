@@ -61,7 +61,7 @@ def epochs_logged(client: MlflowClient, run_id: str) -> list[int]:
 def test_sweep_tracks_every_trial_and_survives_a_failing_one(tmp_path, ray_tmpdir):
     # The third trial cannot fit: its batch is larger than the training split.
     result = run_sweep(tmp_path, ray_tmpdir, "--set", "sweep.variants=[{model.stages: 1}, {model.stages: 3}, "
-                                          "{model.stages: 2, train.batch_size: 100000}]")
+                                          "{model.stages: 2, train.batch_size: 100000}]", "--register", "cpm-test")
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
 
@@ -85,24 +85,39 @@ def test_sweep_tracks_every_trial_and_survives_a_failing_one(tmp_path, ray_tmpdi
         assert all(f"pck_stage{t}" in run.data.metrics for t in range(1, stages + 1))
         assert 0.0 <= run.data.metrics["best_pck"] <= 1.0 and "test_pck" in run.data.metrics
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-        assert {"config.yaml", "best_model.pt", "belief_maps_per_stage.png"} <= artifacts
+        assert {"config.yaml", "belief_maps_per_stage.png"} <= artifacts
+        models = [m for m in client.search_logged_models([run.info.experiment_id]) if m.source_run_id == run.info.run_id]
+        assert [m.status.name for m in models] == ["READY"]  # the best weights, as an MLflow model
         assert run.data.tags["mlflow.source.git.commit"]
 
     # `pipeline.evaluate --run-id` scores the run's best checkpoint: on val it reproduces best_pck.
-    best = by_name["T=3 rf=173px is=on seed=0"]
-    scores = tmp_path / "scores.json"
-    evaluation = subprocess.run([sys.executable, "-m", "pipeline.evaluate", "--run-id", best.info.run_id,
-                                 "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--split", "val",
-                                 "--quiet", "--json", str(scores)], cwd=REPO, capture_output=True, text=True,
-                                timeout=300)
-    assert evaluation.returncode == 0, evaluation.stderr[-2000:]
-    assert json.loads(scores.read_text())["pck"] == pytest.approx(best.data.metrics["best_pck"], abs=1e-9)
+    for run in (by_name["T=3 rf=173px is=on seed=0"], by_name["T=1 rf=45px is=on seed=0"]):
+        assert evaluated_pck(tmp_path, "--run-id", run.info.run_id) == pytest.approx(run.data.metrics["best_pck"], abs=1e-9)
+
+    # --register: the finished trial with the best validation PCK is version 1, and scores as it did.
+    best = max((by_name[n] for n in ("T=1 rf=45px is=on seed=0", "T=3 rf=173px is=on seed=0")),
+               key=lambda r: r.data.metrics["best_pck"])
+    version = client.get_model_version("cpm-test", "1")
+    assert version.run_id == best.info.run_id
+    assert f"Registered models:/cpm-test/1: {best.info.run_name} (run {best.info.run_id})" in output
+    assert evaluated_pck(tmp_path, "--model", "models:/cpm-test/1") == pytest.approx(best.data.metrics["best_pck"],
+                                                                                        abs=1e-9)
 
     failed = by_name[failed_name]
     assert failed.info.status == "FAILED"
     assert "fewer than one batch" in failed.data.tags["cpm.error"]
     # The table lists the finished configurations and names the failed one.
     assert "| 3 | 173 |" in output and f"{failed_name}: FAILED" in output
+
+
+def evaluated_pck(tmp: Path, *source: str) -> float:
+    scores = tmp / "scores.json"
+    evaluation = subprocess.run([sys.executable, "-m", "pipeline.evaluate", *source,
+                                 "--tracking-uri", f"sqlite:///{tmp / 'mlflow.db'}", "--split", "val",
+                                 "--quiet", "--json", str(scores)], cwd=REPO, capture_output=True, text=True,
+                                timeout=300)
+    assert evaluation.returncode == 0, evaluation.stderr[-2000:]
+    return json.loads(scores.read_text())["pck"]
 
 
 def _result_rows(storage: Path) -> list[dict]:

@@ -42,6 +42,7 @@ class SweepError(RuntimeError):
 class SweepOutcome:
     sweep_id: str
     parent_run_id: str
+    experiment_id: str
     completed: bool
     failed_trials: list[str]
     table: str
@@ -296,7 +297,7 @@ def _finish(runs: SweepRuns, results, sweep_id: str) -> SweepOutcome:
     writer.submit({"kind": "tags", "run": runs.parent_ref, "tags": {"cpm.failed_trials": str(len(failed))}})
     writer.submit({"kind": "status", "run": runs.parent_ref, "status": "KILLED" if stopped else "FINISHED"})
     writer.drain(DRAIN_TIMEOUT_S)
-    return SweepOutcome(sweep_id, runs.parent_run_id, completed=not failed or len(failed) < len(results),
+    return SweepOutcome(sweep_id, runs.parent_run_id, runs.experiment_id, completed=not failed or len(failed) < len(results),
                         failed_trials=failed, table=table)
 
 

@@ -73,7 +73,8 @@ def _write_artifacts(directory: Path, result: dict, config) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     model = result["model"]
     save_checkpoint(build_checkpoint(model, config, epoch=result["best_epoch"] or 0, metrics=result["history"],
-                                     best_epoch=result["best_epoch"], joint_names=result["joint_names"]),
+                                     best_epoch=result["best_epoch"], joint_names=result["joint_names"],
+                                     flip_pairs=result["val_cache"].flip_pairs),
                     directory / BEST_MODEL_FILE)
     (directory / "config.yaml").write_text(config.to_yaml())
     try:  # a picture must never fail a finished run

@@ -230,27 +230,3 @@ def metric_name(key: str) -> str:
 
 def set_tags(client: MlflowClient, run_id: str, tags: dict[str, str]) -> None:
     client.log_batch(run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
-
-
-def best_checkpoint_of_run(run_id: str, tracking_uri: str | None = None, download_dir: str | None = None) -> Path:
-    """A local file holding a trial run's best checkpoint: its `best_model.pt` artifact, or the
-    checkpoint directory its `cpm.best_checkpoint` tag points to."""
-    import tempfile
-
-    from pipeline.train.checkpoint import BEST_MODEL_FILE, CHECKPOINT_FILE  # imports torch: only here
-
-    client = MlflowClient(resolve_tracking_uri(tracking_uri))
-    try:
-        run = client.get_run(run_id)
-    except Exception as exc:  # MLflow raises its own exception types for unknown ids
-        uri = client.tracking_uri
-        raise TrackingError(f"MLflow run {run_id!r} not found in {redact_uri(uri)}: {scrub(str(exc), uri)}") from None
-    artifacts = {a.path for a in client.list_artifacts(run_id)}
-    if BEST_MODEL_FILE in artifacts:
-        target = download_dir or tempfile.mkdtemp(prefix=f"cpm-run-{run_id[:8]}-")
-        return Path(client.download_artifacts(run_id, BEST_MODEL_FILE, target))
-    pointer = run.data.tags.get("cpm.best_checkpoint")
-    if pointer and (Path(pointer) / CHECKPOINT_FILE).is_file():
-        return Path(pointer) / CHECKPOINT_FILE
-    raise TrackingError(f"MLflow run {run_id} ({run.info.run_name!r}, {run.info.status}) has no best checkpoint: "
-                        f"no best_model.pt artifact and no readable cpm.best_checkpoint tag")

@@ -20,6 +20,7 @@ from pipeline.distributed.space import TrialSpec, trial_of
 from pipeline.tracking import store
 from pipeline.tracking.writer import TrackingWriter, active_writer, metrics_op, ref_key, run_ref
 from pipeline.train import metric_names as names
+from pipeline.train.checkpoint import BEST_MODEL_FILE
 from pipeline.train.scoring import protocol_for
 
 _SKIP = {names.EPOCH, "training_iteration", "timestamp", "time_this_iter_s", "time_total_s", "pid",
@@ -169,8 +170,11 @@ class MLflowTrialLogger(tune.Callback):
         if not directory.is_dir():  # storage the driver cannot see: leave a pointer
             self.writer.submit({"kind": "tags", "run": ref, "tags": {"cpm.artifacts_dir": str(directory)}})
             return
-        paths = [str(path) for path in sorted(directory.iterdir()) if path.is_file()]
+        # The best weights go into the run's MLflow model (runs:/RUN_ID/model), not beside it.
+        paths = [str(path) for path in sorted(directory.iterdir()) if path.is_file() and path.name != BEST_MODEL_FILE]
         self.writer.submit({"kind": "artifacts", "run": ref, "paths": paths})
+        if (directory / BEST_MODEL_FILE).is_file():
+            self.writer.submit({"kind": "model", "run": ref, "checkpoint": str(directory / BEST_MODEL_FILE)})
         if result.get(names.BEST_CHECKPOINT_DIR):
             self.writer.submit({"kind": "tags", "run": ref,
                                 "tags": {"cpm.best_checkpoint": str(result[names.BEST_CHECKPOINT_DIR])}})

@@ -232,6 +232,11 @@ class TrackingWriter:
             for path in op["paths"]:
                 if Path(path).is_file():
                     self.client.log_artifact(run_id, path)
+        elif kind == "model":
+            if Path(op["checkpoint"]).is_file():
+                from pipeline.tracking.pose_model import log_pose_model  # pyfunc and pandas: only here
+
+                log_pose_model(self.tracking_uri, ref["experiment_id"], run_id, op["checkpoint"])
         elif kind == "status":
             if op["status"] == "RUNNING":
                 self.client.update_run(run_id, status="RUNNING")

@@ -8,6 +8,7 @@ drawn after a run, so every path predicts the same way.
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -119,6 +120,37 @@ def confusion_example(model: torch.nn.Module, cache, precision: str = "fp32", se
     pick = pick_confusion_example(crop_xy, data["joints"], cache.joint_names, flip_pairs=cache.flip_pairs)
     return {"rows": rows, "images": data["images"], "joints": data["joints"], "belief_maps": maps,
             "crop_xy": crop_xy, "pick": pick}
+
+
+def load_trained_model(checkpoint_path: str | Path):
+    """(model in eval mode on the CPU, config, joint names, flip pairs) of a checkpoint file."""
+    from cpm_model.joints import LSP
+    from pipeline.train.checkpoint import load_checkpoint, load_model_state
+
+    checkpoint = load_checkpoint(checkpoint_path)
+    config = checkpoint["config"]
+    joint_names = checkpoint.get("joint_names") or list(LSP.names)
+    model = build_model(config, len(joint_names))
+    load_model_state(model, checkpoint["model"], f"checkpoint {checkpoint_path}")
+    return model.eval(), config, joint_names, checkpoint.get("flip_pairs")
+
+
+def decode_image(data: bytes, source: str) -> np.ndarray:
+    """Encoded image bytes (JPEG, PNG, ...) -> RGB uint8 (H, W, 3), decoded as OpenCV reads a file;
+    ValueError naming `source` when they are not an image."""
+    import cv2
+
+    image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR) if len(data) else None
+    if image is None:
+        raise ValueError(f"{source} could not be decoded as an image ({len(data)} bytes)")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def joint_records(joint_names: Sequence[str], joints: np.ndarray, confidence: np.ndarray) -> list[dict]:
+    """Per joint its name, x and y in original pixels and its confidence (the belief-map peak):
+    what `pipeline.predict` prints and the served model returns."""
+    return [{"name": name, "x": round(float(x), 2), "y": round(float(y), 2), "confidence": round(float(c), 4)}
+            for name, (x, y), c in zip(joint_names, joints, confidence)]
 
 
 def dataset_kind(spec: str) -> str:
