@@ -29,6 +29,7 @@ from pipeline.tracking.pose_model import (
     checkpoint_of_model,
     log_pose_model,
     logged_model_of_run,
+    using_tracking_uri,
 )
 from pipeline.train.checkpoint import build_checkpoint, save_checkpoint
 from pipeline.train.inference import build_model
@@ -49,7 +50,6 @@ def logged(tmp_path_factory):
                                      flip_pairs=LSP.flip_pairs, metrics=[{"epoch": 1, "pck": 0.1},
                                                                           {"epoch": 2, "pck": 0.25}]), checkpoint)
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    mlflow.set_tracking_uri(uri)  # for mlflow.pyfunc.load_model and get_model_info below
     client = MlflowClient(uri)
     experiment_id = client.create_experiment("pose", artifact_location=(tmp / "artifacts").as_uri())
     run = client.create_run(experiment_id, run_name="T=3 trial")
@@ -59,8 +59,10 @@ def logged(tmp_path_factory):
     image = SyntheticDataset(num_samples=2).load_image(1)
     image_path = tmp / "person.png"
     cv2.imwrite(str(image_path), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
-    return {"tmp": tmp, "uri": uri, "client": client, "experiment_id": experiment_id, "run_id": run.info.run_id,
-            "model_id": model_id, "checkpoint": checkpoint, "image": image, "image_path": image_path}
+    with using_tracking_uri(uri):  # for mlflow.pyfunc.load_model and get_model_info in the tests
+        yield {"tmp": tmp, "uri": uri, "client": client, "experiment_id": experiment_id, "run_id": run.info.run_id,
+               "model_id": model_id, "checkpoint": checkpoint, "image": image, "image_path": image_path}
+    assert "MLFLOW_TRACKING_URI" not in os.environ or os.environ["MLFLOW_TRACKING_URI"] != uri
 
 
 def cli(*args: str, uri: str) -> subprocess.CompletedProcess:
@@ -75,7 +77,7 @@ def cli(*args: str, uri: str) -> subprocess.CompletedProcess:
 
 
 def without_tracking_uri() -> dict:
-    """This process's environment without MLFLOW_TRACKING_URI (mlflow.set_tracking_uri exports it)."""
+    """This process's environment without MLFLOW_TRACKING_URI (using_tracking_uri exports it)."""
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     return {**env, "PYTHONPATH": str(REPO)}
 

@@ -17,6 +17,7 @@ from test_sweep_integration import sweep_env
 
 from cpm_model.config import load_config, redact_uri
 from pipeline.tracking import store as tracking
+from pipeline.tracking.pose_model import using_tracking_uri
 
 REPO = Path(__file__).resolve().parents[1]
 PASSWORD = "pw-6f1d2c9a8b"  # distinctive, so a search of every stored byte for it cannot match by chance
@@ -174,8 +175,9 @@ def test_sweep_straight_into_postgres_stores_and_prints_no_password(postgres, tm
         artifacts = Path(client.download_artifacts(run.info.run_id, "", str(tmp_path / "downloads" / run.info.run_id)))
         stored += [(str(p), p.read_bytes()) for p in artifacts.rglob("*") if p.is_file()]
     for model in client.search_logged_models([parent.info.experiment_id]):  # each trial's pose model
-        files = Path(mlflow.artifacts.download_artifacts(artifact_uri=model.model_uri, tracking_uri=uri,
-                                                         dst_path=str(tmp_path / "downloads" / model.model_id)))
+        with using_tracking_uri(uri):
+            files = Path(mlflow.artifacts.download_artifacts(artifact_uri=model.model_uri,
+                                                             dst_path=str(tmp_path / "downloads" / model.model_id)))
         stored += [(str(p), p.read_bytes()) for p in files.rglob("*") if p.is_file()]
     assert any(where.endswith("config.yaml") for where, _ in stored)
     assert any(where.endswith("best_model.pt") for where, _ in stored)

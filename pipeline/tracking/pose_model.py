@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import os
 from importlib import metadata
 from pathlib import Path
 
@@ -152,14 +153,21 @@ def project_requirements() -> list[str]:
 
 
 @contextlib.contextmanager
-def _tracking_uri(uri: str):
-    """MLflow's model logging and runs:/ lookups use the global tracking URI: point it at `uri` meanwhile."""
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
+def using_tracking_uri(uri: str):
+    """MLflow's model logging and its runs:/ and models:/ lookups use the global tracking URI: point
+    it at `uri` meanwhile. MLflow also exports it as MLFLOW_TRACKING_URI (for subprocesses), so
+    that variable is put back as it was too."""
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    exported = os.environ.get("MLFLOW_TRACKING_URI")
     try:
-        yield
+        with _use_tracking_uri(uri):
+            yield
     finally:
-        mlflow.set_tracking_uri(previous)
+        if exported is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = exported
 
 
 def _models_of_run(client: MlflowClient, experiment_id: str, run_id: str) -> list:
@@ -189,7 +197,7 @@ def log_pose_model(tracking_uri: str, experiment_id: str, run_id: str, checkpoin
     checkpoint = load_checkpoint(checkpoint_path)
     # Created here, in the run's experiment: Model.log without an active run would put it in the default one.
     logged = models[0] if models else client.create_logged_model(experiment_id, name=MODEL_NAME, source_run_id=run_id)
-    with _tracking_uri(tracking_uri):
+    with using_tracking_uri(tracking_uri):
         Model.log(artifact_path=None, name=MODEL_NAME, flavor=mlflow.pyfunc, run_id=run_id, model_id=logged.model_id,
                   python_model=PoseModel(), artifacts={CHECKPOINT_ARTIFACT: str(checkpoint_path)},
                   signature=SIGNATURE, input_example=example_input(), metadata=model_metadata(checkpoint),
@@ -206,7 +214,7 @@ def checkpoint_of_model(model_uri: str, tracking_uri: str | None = None, downloa
     uri = store.resolve_tracking_uri(tracking_uri)
     target = download_dir or tempfile.mkdtemp(prefix="cpm-model-")
     try:
-        with _tracking_uri(uri):  # runs:/ URIs find a run's model through the global tracking URI
+        with using_tracking_uri(uri):
             return Path(mlflow.artifacts.download_artifacts(
                 artifact_uri=f"{model_uri.rstrip('/')}/artifacts/{BEST_MODEL_FILE}", dst_path=target, tracking_uri=uri))
     except Exception as exc:  # MLflow raises its own types for unknown names, versions and paths
@@ -273,7 +281,7 @@ def register_best_model(tracking_uri: str, experiment_id: str, parent_run_id: st
     try:
         if not client.search_registered_models(filter_string=f"name = '{name}'"):
             client.create_registered_model(name, description="CPM pose models, registered by sweep.py --register")
-        with _tracking_uri(tracking_uri):  # the registry looks the logged model up through the global URI
+        with using_tracking_uri(tracking_uri):
             version = client.create_model_version(
                 name, source=model.model_uri, run_id=run.info.run_id, model_id=model.model_id,
                 tags={"cpm.sweep_run_id": parent_run_id, f"val_{protocol.name}": f"{score:.6f}"},
