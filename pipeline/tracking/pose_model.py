@@ -51,10 +51,14 @@ class PoseModel(mlflow.pyfunc.PythonModel):
     """One person per image, cropped as evaluation crops are (no ground truth)."""
 
     def load_context(self, context) -> None:
+        import torch
+
         from pipeline.train.inference import load_trained_model
 
         self.model, self.config, self.joint_names, self.flip_pairs = load_trained_model(
             context.artifacts[CHECKPOINT_ARTIFACT])
+        if torch.cuda.is_available():  # served on a GPU machine: predict there
+            self.model.to("cuda")
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         from cpm_model.joints import flip_permutation
@@ -66,7 +70,7 @@ class PoseModel(mlflow.pyfunc.PythonModel):
                                   INVALID_PARAMETER_VALUE)
         permutation = flip_permutation(len(self.joint_names), self.flip_pairs) if flip else None
         rows = []
-        for row, (image, center) in enumerate(zip(images_of(model_input), centers_of(model_input))):
+        for image, center in zip(images_of(model_input), centers_of(model_input)):
             result = predict_image(self.model, self.config, image, center, permutation)
             rows.append({"joints": joint_records(self.joint_names, result["joints"], result["confidence"]),
                          "image_size": list(image.shape[:2])})
