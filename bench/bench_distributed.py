@@ -8,6 +8,8 @@
 - scaling: one configuration trained with 1 and with 2 Ray Train workers (one CPU each), the same
   global batch; images/s from the worker loop's own epoch timing, ratio 2 workers / 1 worker.
 - default: wall time of the embedded default sweep (`python pipeline/sweep.py`), end to end.
+- train_floor: Ray Train's own part of a trial's start-up: `TorchTrainer.fit()` of an empty loop
+  (one worker), four times in one local cluster, from the call to the loop's first line.
 Everything runs in temporary directories (caches, checkpoints, MLflow) removed afterwards.
 """
 
@@ -112,15 +114,40 @@ def default_job(tmp: Path) -> dict:
     return {"wall_s": wall, "trials": len(trials), **sweep_ratio(tmp), "trial_mean": mean, "per_trial": trials}
 
 
+def _empty_loop(config: dict) -> None:
+    Path(config["marker"]).write_text(repr(time.time()))
+
+
+def train_floor(tmp: Path) -> dict:
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    try:
+        to_loop, fits = [], []
+        for attempt in range(4):
+            marker = tmp / f"loop-started-{attempt}"
+            start = time.time()
+            TorchTrainer(_empty_loop, train_loop_config={"marker": str(marker)},
+                         scaling_config=ScalingConfig(num_workers=1),
+                         run_config=RunConfig(name=f"floor-{attempt}", storage_path=str(tmp / "ray"))).fit()
+            fits.append(time.time() - start)
+            to_loop.append(float(marker.read_text()) - start)
+    finally:
+        ray.shutdown()
+    return {"fit_to_loop_s": to_loop, "fit_s": fits}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--part", nargs="+", default=["overhead", "scaling", "default"],
-                        choices=["overhead", "scaling", "default"])
+                        choices=["overhead", "scaling", "default", "train_floor"])
     parser.add_argument("--json", default=None, help="write the figures to this JSON file")
     args = parser.parse_args()
     figures = {"date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(), "python": platform.python_version(),
                "load_before": os.getloadavg()}
-    parts = {"overhead": overhead, "scaling": scaling, "default": default_job}
+    parts = {"overhead": overhead, "scaling": scaling, "default": default_job, "train_floor": train_floor}
     for name in args.part:
         with tempfile.TemporaryDirectory(prefix=f"cpm-bench-{name}-") as tmp:
             figures[name] = parts[name](Path(tmp))
