@@ -297,8 +297,8 @@ def _finish(runs: SweepRuns, results, sweep_id: str) -> SweepOutcome:
     writer.submit({"kind": "tags", "run": runs.parent_ref, "tags": {"cpm.failed_trials": str(len(failed))}})
     writer.submit({"kind": "status", "run": runs.parent_ref, "status": "KILLED" if stopped else "FINISHED"})
     writer.drain(DRAIN_TIMEOUT_S)
-    return SweepOutcome(sweep_id, runs.parent_run_id, runs.experiment_id, completed=not failed or len(failed) < len(results),
-                        failed_trials=failed, table=table)
+    return SweepOutcome(sweep_id, runs.parent_run_id, runs.experiment_id,
+                        completed=not failed or len(failed) < len(results), failed_trials=failed, table=table)
 
 
 def _end_runs(writer: TrackingWriter, parent_ref: dict, status: str, reason: str) -> None:
