@@ -200,3 +200,22 @@ def test_an_unknown_model_is_one_line_and_exit_2(logged):
         done = cli(*command, uri=logged["uri"])
         assert done.returncode == 2, done.stderr[-2000:]
         assert "no-such-model" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_run_finds_its_model_in_an_experiment_that_many_sweeps_share(tmp_path):
+    """More models than one page of MLflow's search (100): the run's own is found, not logged twice."""
+    config = load_config(str(REPO / "configs" / "synthetic_tiny.yaml"), ["model.stages=1"])
+    checkpoint = tmp_path / "best_model.pt"
+    save_checkpoint(build_checkpoint(build_model(config, LSP.num_parts), config, epoch=1, best_epoch=1,
+                                     joint_names=list(LSP.names), flip_pairs=LSP.flip_pairs), checkpoint)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment_id = client.create_experiment("shared", artifact_location=(tmp_path / "artifacts").as_uri())
+    ours = client.create_run(experiment_id).info.run_id
+    model_id = log_pose_model(uri, experiment_id, ours, checkpoint)
+    others = client.create_run(experiment_id).info.run_id
+    for _ in range(120):  # later sweeps' models, newer than ours
+        other = client.create_logged_model(experiment_id, name="model", source_run_id=others)
+        client.finalize_logged_model(other.model_id, "READY")
+    assert logged_model_of_run(client, experiment_id, ours).model_id == model_id
+    assert log_pose_model(uri, experiment_id, ours, checkpoint) == model_id

@@ -175,7 +175,9 @@ def using_tracking_uri(uri: str):
 
 
 def _models_of_run(client: MlflowClient, experiment_id: str, run_id: str) -> list:
-    models = client.search_logged_models([experiment_id], filter_string=f"name = '{MODEL_NAME}'")
+    # Filtered by run in the store: an experiment that many sweeps share holds more models than a page.
+    models = client.search_logged_models(
+        [experiment_id], filter_string=f"name = '{MODEL_NAME}' AND source_run_id = '{run_id}'")
     return [m for m in models if m.source_run_id == run_id]
 
 
