@@ -4,7 +4,8 @@
 
 - overhead: a 2-trial sweep (synthetic_tiny preset); per trial, the time from the trial's start
   (Tune's clock) to its first training step = time_total_s of the first epoch row minus that
-  epoch's own epoch_time_s (cache open, model build and the Train worker group's start included).
+  epoch's own epoch_time_s (cache open, model build and the Train worker group's start included),
+  with its breakdown moment by moment (the first epoch row's startup_*_s) and the trial's end.
 - scaling: one configuration trained with 1 and with 2 Ray Train workers (one CPU each), the same
   global batch; images/s from the worker loop's own epoch timing, ratio 2 workers / 1 worker.
 - default: wall time of the embedded default sweep (`python pipeline/sweep.py`), end to end.
@@ -51,12 +52,15 @@ def result_rows(tmp: Path) -> list[list[dict]]:
 
 def overhead(tmp: Path) -> dict:
     wall = run_sweep(tmp, "--set", "sweep.grid={model.stages: [1, 3]}", "--set", "train.epochs=2")
-    startup = []
+    startup, parts = [], []
     for rows in result_rows(tmp):
         first = next(r for r in rows if "train_loss" in r)
         startup.append(first["time_total_s"] - first["epoch_time_s"])
+        parts.append(trial_breakdown(rows))
+    breakdown = {key: statistics.mean(p[key] for p in parts) for key in parts[0] if key.startswith("startup_")}
+    breakdown["end_s"] = statistics.mean(p["end_s"] for p in parts)
     return {"trials": len(startup), "startup_s": startup, "startup_mean_s": statistics.mean(startup),
-            "sweep_wall_s": wall}
+            "startup_breakdown_mean_s": breakdown, "sweep_wall_s": wall}
 
 
 def scaling(tmp: Path) -> dict:

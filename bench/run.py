@@ -12,8 +12,8 @@ Parts (default: all that the device allows):
                and rendering on the fly (LSPET at 128 px)
   memory       peak RSS of a training worker process on a cache of 1,000 samples and on the full
                train split (one subprocess each)
-  distributed  per-trial overhead of a sweep and images/s with 1 and 2 workers (bench_distributed;
-               needs Ray and MLflow; not in --quick)
+  distributed  per-trial overhead of a sweep with its breakdown, Ray Train's own start-up per fit(),
+               and images/s with 1 and 2 workers (bench_distributed; needs Ray and MLflow; not in --quick)
 The JSON holds one object per figure: name, value, unit, baseline, ratio (plus what was measured).
 Timed pairs alternate baseline and candidate (ABBA); value and baseline are the medians of each,
 ratio the median of the per-pair ratios, ratio_quartiles their quartiles (the machine's noise).
@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -219,7 +220,11 @@ def part_distributed(figures, args, tmp: Path) -> None:
     over = bench_distributed.overhead(tmp / "overhead")
     report(figures, figure("trial_overhead", over["startup_mean_s"], "s", None,
                            measured="trial start to first training step, 2-trial sweep", trials=over["startup_s"],
-                           sweep_wall_s=over["sweep_wall_s"]))
+                           breakdown_mean_s=over["startup_breakdown_mean_s"], sweep_wall_s=over["sweep_wall_s"]))
+    floor = bench_distributed.train_floor(tmp / "train_floor")
+    report(figures, figure("train_fit_to_loop", statistics.median(floor["fit_to_loop_s"]), "s", None,
+                           measured="TorchTrainer.fit() of an empty loop, 1 worker: the call to the loop's first line "
+                                    "(Ray Train's own part of a trial's start-up)", fits=floor["fit_to_loop_s"]))
     scaling = bench_distributed.scaling(tmp / "scaling")
     report(figures, figure("workers_2_vs_1", scaling["images_per_s_2_workers"], "images/s",
                            scaling["images_per_s_1_worker"], measured="one configuration, 2 workers x 16 vs 1 x 32"))
