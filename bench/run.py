@@ -217,6 +217,8 @@ def part_memory(figures, args, tmp: Path) -> None:
 def part_distributed(figures, args, tmp: Path) -> None:
     import bench_distributed
 
+    for sub in ("overhead", "train_floor", "scaling"):
+        (tmp / sub).mkdir()
     over = bench_distributed.overhead(tmp / "overhead")
     report(figures, figure("trial_overhead", over["startup_mean_s"], "s", None,
                            measured="trial start to first training step, 2-trial sweep", trials=over["startup_s"],
