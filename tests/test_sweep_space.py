@@ -158,3 +158,20 @@ def test_variants_cross_the_grid():
     assert schemes.count(("joint", False)) == 2 and schemes.count(("stagewise", True)) == 2
     with pytest.raises(ConfigError, match=r"sweep.variants\[0\]"):
         load_config(None, ["sweep.variants=[{model.nope: 1}]"])
+
+
+def test_lspet_cpu_ablation_preset_covers_the_three_claims():
+    from pathlib import Path
+    preset = Path(__file__).resolve().parents[1] / "configs" / "ablation_lspet_cpu.yaml"
+    trials = expand_grid(load_config(str(preset), []))
+    assert len(trials) == 10  # 5 configurations x 2 seeds
+    field = {(t.config.model.stages, t.config.model.later_kernel, t.config.train.intermediate_supervision):
+             t.receptive_field_px for t in trials}
+    # Stage 1 sees 45 px (three 3x3 convolutions and pools); a 7x7 later stage adds 3 x 6 x 8 px.
+    assert field == {(1, 7, True): 45, (2, 7, True): 189, (3, 7, True): 333, (3, 7, False): 333, (3, 1, True): 45}
+    # The design's 0.3-0.5 of the person for stage 1: 45 px of a 128 / 1.3 = 98.5 px person.
+    stage1 = next(t for t in trials if t.config.model.stages == 1)
+    assert 0.3 <= stage1.relative_receptive_field <= 0.5
+    assert stage1.relative_receptive_field == pytest.approx(45 / (128 / 1.3), abs=1e-3)
+    assert all(t.config.preprocess.input_size <= 160 for t in trials)
+    assert sorted({t.config.train.seed for t in trials}) == [0, 1]
