@@ -1,5 +1,7 @@
 """Trial expansion, identity and run names; resource planning; config overrides."""
 
+from pathlib import Path
+
 import pytest
 
 from cpm_model.config import ConfigError, load_config
@@ -161,7 +163,6 @@ def test_variants_cross_the_grid():
 
 
 def test_lspet_cpu_ablation_preset_covers_the_three_claims():
-    from pathlib import Path
     preset = Path(__file__).resolve().parents[1] / "configs" / "ablation_lspet_cpu.yaml"
     trials = expand_grid(load_config(str(preset), []))
     assert len(trials) == 10  # 5 configurations x 2 seeds
