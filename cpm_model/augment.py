@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from .geometry import STRIDE
 from .heatmaps import render_belief_maps_torch
+from .recrop import compose, recrop_affines
 
 
 @dataclass(frozen=True)
@@ -166,11 +167,14 @@ def transform_joints(joints: torch.Tensor, affines: torch.Tensor, flip: torch.Te
 
 def augment_batch(images: torch.Tensor, joints: torch.Tensor, params: AugmentParams,
                   flip_permutation, sigma: float, out_size: int | None = None,
-                  stride: int = STRIDE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  stride: int = STRIDE, pre_affines: torch.Tensor | None = None,
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Warp a batch and render its targets.
 
     images: (B, 3, S, S) float in [0, 1] (or uint8, scaled here), on any device.
     joints: (B, P, 3) crop pixels + flag. flip_permutation: index array of length P.
+    pre_affines: (B, 2, 3) S -> S pixel affines applied before the augmentation (a re-crop,
+    cpm_model.recrop), in the same single resampling.
     Returns (images (B, 3, S', S') float32, belief maps (B, P+1, S'/stride, S'/stride), joints (B, P, 3)).
     """
     if images.dtype == torch.uint8:
@@ -178,6 +182,8 @@ def augment_batch(images: torch.Tensor, joints: torch.Tensor, params: AugmentPar
     in_size = images.shape[-1]
     out_size = out_size or in_size
     affines = augmentation_affines(params, in_size, out_size)
+    if pre_affines is not None:
+        affines = compose(affines, pre_affines.to(torch.float64).cpu())
     warped = warp(images, affines, out_size)
     perm = torch.as_tensor(flip_permutation, dtype=torch.long)
     new_joints = transform_joints(joints.float(), affines, params.flip, perm, out_size)
@@ -187,11 +193,20 @@ def augment_batch(images: torch.Tensor, joints: torch.Tensor, params: AugmentPar
 
 def random_augment(images: torch.Tensor, joints: torch.Tensor, settings: AugmentSettings,
                    generator: torch.Generator, flip_permutation, sigma: float,
-                   out_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`augment_batch` with parameters drawn from `generator`."""
+                   out_size: int | None = None, recrop_prob: float = 0.0,
+                   crop_context: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`augment_batch` with parameters drawn from `generator`; with probability `recrop_prob`
+    a sample is first re-cropped around its annotated joints (the second pass's crop rule)."""
     out_size = out_size or images.shape[-1]
     params = sample_params(images.shape[0], settings, out_size, generator)
-    return augment_batch(images, joints, params, flip_permutation, sigma, out_size)
+    pre_affines = None
+    if recrop_prob > 0:
+        # Drawn after the augmentation parameters, so recrop_prob = 0 leaves the stream unchanged.
+        chosen = torch.rand(images.shape[0], generator=generator, dtype=torch.float64) < recrop_prob
+        cpu_joints = joints.detach().to("cpu", torch.float64)
+        valid = (cpu_joints[..., 2] > 0) & chosen[:, None]
+        pre_affines = recrop_affines(cpu_joints[..., :2], valid, images.shape[-1], crop_context)
+    return augment_batch(images, joints, params, flip_permutation, sigma, out_size, pre_affines=pre_affines)
 
 
 def scale_about_centre_affines(scales, size: int) -> torch.Tensor:

@@ -92,6 +92,12 @@ class TrainConfig:
     init_weights: str | None = None  # a local state-dict file (e.g. ImageNet VGG weights)
     max_steps_per_epoch: int | None = None
     eval_flip: bool = False
+    # Predict twice: re-crop each evaluation crop around the first pass's prediction, predict
+    # again (cpm_model.recrop). Validation, the test split, evaluate and predict all follow it.
+    eval_refine: bool = False
+    # Fraction of training samples re-cropped around their annotated joints (the second pass's
+    # crop) before augmentation, so that one model learns both crops.
+    recrop_prob: float = 0.0
     # torch.compile the training step's model (compiled once per training phase, reused every
     # epoch); off by default: compilation costs tens of seconds and pays only on long GPU runs.
     compile: bool = False
@@ -304,6 +310,7 @@ def validate(config: ExperimentConfig) -> None:
         ("train.lr", t.lr > 0, "a positive number"),
         ("train.scale_min", 0 < t.scale_min <= t.scale_max, "0 < scale_min <= scale_max"),
         ("train.rotation_deg", 0 <= t.rotation_deg <= 180, "degrees in [0, 180]"),
+        ("train.recrop_prob", 0 <= t.recrop_prob <= 1, "a probability in [0, 1]"),
         ("train.lr_step_epochs", t.lr_step_epochs >= 1, "an integer >= 1"),
         ("train.finetune_epochs", t.finetune_epochs >= 0, "an integer >= 0"),
         ("train.max_steps_per_epoch", t.max_steps_per_epoch is None or t.max_steps_per_epoch >= 1,

@@ -1,7 +1,7 @@
 """Score a checkpoint (or the mean-pose baseline) on a cache split: PCK per joint and per stage.
 
     python -m pipeline.evaluate --checkpoint CKPT --data SPEC [--split test|val|train|all]
-        [--flip] [--scales 0.8,1.0,1.2] [--json FILE] [--figure PNG]
+        [--flip] [--scales 0.8,1.0,1.2] [--refine] [--json FILE] [--figure PNG]
     python -m pipeline.evaluate --model models:/NAME/VERSION --data SPEC     # a model a sweep logged
     python -m pipeline.evaluate --baseline mean-pose --data SPEC [--config FILE] [--json FILE]
 
@@ -11,7 +11,9 @@ whole split is scored (a run's sample caps do not apply) unless --max-samples.
 
 Test-time options: --flip averages the maps of the crop and of its mirror image (maps flipped
 back, left/right parts swapped); --scales runs the crop zoomed about its centre by each factor,
-resamples each stage's maps back onto the unzoomed grid and averages them (the paper's scale search).
+resamples each stage's maps back onto the unzoomed grid and averages them (the paper's scale search);
+--refine re-crops each crop around its own first prediction and scores the second pass
+(cpm_model.recrop; on by default for a checkpoint trained with train.eval_refine).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from cpm_model.metrics import PCKCounts
 from pipeline.cli import UsageError, config_from_args, report_input_errors, with_overrides
 from pipeline.train.batches import scoring_batches
 from pipeline.train.caches import open_split_caches
-from pipeline.train.inference import build_model
+from pipeline.train.inference import build_model, refine_context
 from pipeline.train.scoring import evaluate_batches, format_table, mean_pose_counts, protocol_for, report_dict
 
 SPLIT_CHOICES = ("test", "val", "train", "all")
@@ -69,6 +71,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--split", default="test", choices=SPLIT_CHOICES)
     parser.add_argument("--flip", action="store_true", help="average with the mirrored crop (parts swapped)")
     parser.add_argument("--scales", default=None, help="scale search, e.g. 0.8,1.0,1.2")
+    parser.add_argument("--refine", action="store_true", help="predict twice: re-crop around the first "
+                        "prediction (= --set train.eval_refine=true)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--cache-dir", default=None, help="override data.cache_dir")
     parser.add_argument("--max-samples", type=int, default=None, help="score only the first N samples")
@@ -116,13 +120,14 @@ def run(args) -> dict:
         raise UsageError("give --checkpoint CKPT, --run-id RUN, --model URI or --baseline mean-pose")
     checkpoint = None if args.baseline else load_checkpoint(args.checkpoint)
     config = config_from_args(args) if args.baseline else with_overrides(checkpoint["config"], args.overrides)
-    config = with_overrides(config, [], data__spec=args.data, data__cache_dir=args.cache_dir)
+    config = with_overrides(config, [], data__spec=args.data, data__cache_dir=args.cache_dir,
+                            train__eval_refine=True if args.refine else None)
     caches = open_split_caches(config, args.split, not args.quiet, args.max_samples)
     if args.baseline == "mean-pose":
         return score_mean_pose(config, caches, progress=not args.quiet)
     report = score_checkpoint(config, checkpoint, caches, args, scales)
     report.update({"checkpoint": str(args.checkpoint), "data": config.data.spec, "split": args.split,
-                   "flip": bool(args.flip), "scales": scales or [1.0]})
+                   "flip": bool(args.flip), "scales": scales or [1.0], "refine": config.train.eval_refine})
     return report
 
 
@@ -153,7 +158,8 @@ def score_checkpoint(config, checkpoint: dict, caches: list, args, scales) -> di
         batches = scoring_batches(cache, args.batch_size, 0, 1, device)
         counts, extras = evaluate_batches(model, batches, model.stages, len(joint_names), precision,
                                           permutation, scales, keep_maps_of=0 if example is None else None,
-                                          normaliser=protocol_for(config).normaliser)
+                                          normaliser=protocol_for(config).normaliser,
+                                          refine_context=refine_context(config))
         example = example or extras["example"]
         total = total + counts
     if args.figure and example is not None:

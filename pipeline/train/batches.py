@@ -164,7 +164,9 @@ def training_augmenter(config: ExperimentConfig, generator: torch.Generator, fli
 
     def prepare(batch: dict) -> dict:
         images, targets, joints = random_augment(batch["images"], batch["joints"], settings, generator,
-                                                 flip_permutation, config.preprocess.sigma)
+                                                 flip_permutation, config.preprocess.sigma,
+                                                 recrop_prob=config.train.recrop_prob,
+                                                 crop_context=config.preprocess.crop_context)
         return {**batch, "images": images, "targets": targets, "joints": joints}
 
     return prepare

@@ -15,11 +15,12 @@ import numpy as np
 import torch
 
 from cpm_model import metrics as pck_metrics
-from cpm_model.augment import scale_about_centre_affines, warp
+from cpm_model.augment import invert_affines, scale_about_centre_affines, warp
 from cpm_model.config import ExperimentConfig
 from cpm_model.geometry import apply_affine, crop_affine, invert_affine
 from cpm_model.heatmaps import decode_belief_maps
 from cpm_model.model import CPM
+from cpm_model.recrop import compose, recrop_affines
 
 
 def build_model(config: ExperimentConfig, num_parts: int) -> CPM:
@@ -87,6 +88,41 @@ def predict_belief_maps(model: torch.nn.Module, images: torch.Tensor, precision:
             maps = maps.reshape(batch, stages, channels, cells, cells)
         total = maps if total is None else total + maps
     return total / len(scales)
+
+
+def refine_context(config: ExperimentConfig) -> float | None:
+    """The second pass's crop context (the training crop's), or None when the config predicts in
+    one pass (`train.eval_refine`)."""
+    return config.preprocess.crop_context if config.train.eval_refine else None
+
+
+@torch.no_grad()
+def predict_two_pass(model: torch.nn.Module, images: torch.Tensor, crop_context: float, precision: str = "fp32",
+                     flip_permutation: Sequence[int] | None = None,
+                     scales: Sequence[float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Predict, re-crop each crop around its own last-stage prediction (cpm_model.recrop), and
+    predict again: (belief maps of the second pass (B, T, P+1, M, M), the CROP -> RE-CROP affines
+    (B, 2, 3) float64 on the CPU). No ground truth is involved."""
+    first = predict_belief_maps(model, images, precision, flip_permutation, scales)
+    crop_xy, _ = decode_belief_maps(first[:, -1, :-1].cpu().numpy())
+    crop_xy = torch.from_numpy(crop_xy)
+    recrop = recrop_affines(crop_xy, torch.ones(crop_xy.shape[:2], dtype=torch.bool), images.shape[-1], crop_context)
+    second = predict_belief_maps(model, warp(images, recrop, images.shape[-1]), precision, flip_permutation, scales)
+    return second, recrop
+
+
+def predict_crops(model: torch.nn.Module, images: torch.Tensor, to_original: np.ndarray, precision: str = "fp32",
+                  flip_permutation: Sequence[int] | None = None, scales: Sequence[float] | None = None,
+                  crop_context: float | None = None) -> tuple[torch.Tensor, np.ndarray, torch.Tensor]:
+    """Belief maps of crops and the affines that take their cells' pixels to ORIGINAL pixels: one
+    pass, or two when `crop_context` is given (`refine_context`). to_original (B, 2, 3) is each
+    crop's CROP -> ORIGINAL affine. Returns (maps, map-input -> original affines (B, 2, 3), the
+    images the maps were predicted on)."""
+    if crop_context is None:
+        return predict_belief_maps(model, images, precision, flip_permutation, scales), to_original, images
+    maps, recrop = predict_two_pass(model, images, crop_context, precision, flip_permutation, scales)
+    affines = compose(torch.as_tensor(to_original, dtype=torch.float64), invert_affines(recrop)).numpy()
+    return maps, affines, warp(images, recrop, images.shape[-1])
 
 
 def decode_all_stages(belief_maps: np.ndarray, affine: np.ndarray) -> np.ndarray:
@@ -161,10 +197,11 @@ def dataset_kind(spec: str) -> str:
 def predict_image(model, config: ExperimentConfig, image: np.ndarray, center: np.ndarray | None = None,
                   flip_permutation=None, device=None) -> dict:
     """One person in one RGB image, cropped as evaluation crops are (no ground truth): around the
-    image centre (or `center`) with a side derived from the image size.
+    image centre (or `center`) with a side derived from the image size; then re-cropped around
+    its own prediction and predicted again when the config says so (`train.eval_refine`).
 
     Returns {'joints': (P, 2) original pixels, 'confidence': (P,), 'belief_maps': (T, P+1, M, M),
-    'crop': (S, S, 3), 'affine': crop -> original}."""
+    'crop': (S, S, 3) the input of the last pass, 'affine': that crop -> original}."""
     from preprocessing import crops
 
     size = config.preprocess.input_size
@@ -175,8 +212,10 @@ def predict_image(model, config: ExperimentConfig, image: np.ndarray, center: np
     to_crop = crop_affine(centre, side, size)
     crop = crops.warp_image(image, to_crop, size)
     tensor = image_tensor(crop[None], device or next(model.parameters()).device)
-    maps = predict_belief_maps(model, tensor, config.train.precision, flip_permutation)[0].cpu().numpy()
+    maps, to_original, seen = predict_crops(model, tensor, invert_affine(to_crop)[None], config.train.precision,
+                                            flip_permutation, crop_context=refine_context(config))
+    maps = maps[0].cpu().numpy()
     crop_xy, peaks = decode_belief_maps(maps[-1, :-1])
-    to_original = invert_affine(to_crop)
-    return {"joints": apply_affine(crop_xy, to_original), "confidence": peaks, "belief_maps": maps,
-            "crop": crop, "affine": to_original}
+    crop = np.rint(seen[0].permute(1, 2, 0).cpu().numpy() * 255.0).clip(0, 255).astype(np.uint8)
+    return {"joints": apply_affine(crop_xy, to_original[0]), "confidence": peaks, "belief_maps": maps,
+            "crop": crop, "affine": to_original[0]}

@@ -39,7 +39,7 @@ from pipeline.train.checkpoint import (
     save_checkpoint,
 )
 from pipeline.train.context import WorkerContext
-from pipeline.train.inference import autocast, build_model
+from pipeline.train.inference import autocast, build_model, refine_context
 from pipeline.train.progress import NoProgress
 from pipeline.train.schedule import (
     PhaseSchedule,
@@ -213,7 +213,7 @@ def validate(model, cache, config: ExperimentConfig, ctx: WorkerContext, flip_pe
     batches = scoring_batches(cache, config.train.batch_size, ctx.rank, ctx.world_size, ctx.device)
     counts, _ = evaluate_batches(model, batches, model.stages, model.num_parts, config.train.precision,
                                  flip_permutation if config.train.eval_flip else None,
-                                 normaliser=protocol_for(config).normaliser)
+                                 normaliser=protocol_for(config).normaliser, refine_context=refine_context(config))
     return counts.reduced(ctx.all_reduce_sum)
 
 

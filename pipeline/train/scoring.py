@@ -20,7 +20,7 @@ import torch
 
 from cpm_model.metrics import PCKCounts
 from pipeline.train import metric_names as names
-from pipeline.train.inference import dataset_kind, decode_all_stages, predict_belief_maps
+from pipeline.train.inference import dataset_kind, decode_all_stages, predict_crops
 
 TEST_CURVE_ALPHAS = [round(0.05 * i, 2) for i in range(11)]  # 0 to 0.5, a subset of PCK_CURVE_ALPHAS
 
@@ -99,8 +99,10 @@ def curve_metrics(counts: PCKCounts, protocol: names.Protocol = names.PCK) -> di
 @torch.no_grad()
 def evaluate_batches(model: torch.nn.Module, batches: Iterable[dict], num_stages: int, num_parts: int,
                      precision: str = "fp32", flip_permutation=None, scales=None,
-                     keep_maps_of: int | None = None, normaliser: str = "torso") -> tuple[PCKCounts, dict]:
-    """PCK counts of this rank's batches (not yet reduced over ranks).
+                     keep_maps_of: int | None = None, normaliser: str = "torso",
+                     refine_context: float | None = None) -> tuple[PCKCounts, dict]:
+    """PCK counts of this rank's batches (not yet reduced over ranks); with `refine_context`, of
+    the second pass (re-crops around the first pass's predictions, `inference.predict_two_pass`).
 
     Returns (counts, extras) with extras["predictions"] (N, T, P, 2) original pixels and, when
     keep_maps_of is a cache row index, extras["example"] holding that sample's image and maps.
@@ -111,9 +113,10 @@ def evaluate_batches(model: torch.nn.Module, batches: Iterable[dict], num_stages
     predictions, rows, example = [], [], None
     try:
         for batch in batches:
-            maps = predict_belief_maps(model, batch["images"], precision, flip_permutation, scales)
+            maps, to_original, seen = predict_crops(model, batch["images"], batch["affine"].numpy(), precision,
+                                                    flip_permutation, scales, refine_context)
             maps_np = maps.cpu().numpy()
-            coords = decode_all_stages(maps_np, batch["affine"].numpy())
+            coords = decode_all_stages(maps_np, to_original)
             counts.add(coords, batch["joints_original"].numpy(), batch[normaliser].numpy())
             predictions.append(coords)
             rows.append(batch["index"].numpy())
@@ -121,7 +124,7 @@ def evaluate_batches(model: torch.nn.Module, batches: Iterable[dict], num_stages
                 hit = np.flatnonzero(batch["index"].numpy() == keep_maps_of)
                 if hit.size:
                     i = int(hit[0])
-                    example = {"image": batch["images"][i].permute(1, 2, 0).cpu().numpy(),
+                    example = {"image": seen[i].permute(1, 2, 0).cpu().numpy(),
                                "belief_maps": maps_np[i], "index": keep_maps_of}
     finally:
         model.train(was_training)
