@@ -126,3 +126,25 @@ def test_scoring_with_refine_uses_the_second_pass():
         counts, extras = evaluate_batches(model, [batch], 1, 2, refine_context=context)
         np.testing.assert_allclose(extras["predictions"][0, -1], truth, atol=2.0)
         assert counts.mean(-1, 0.2) == 1.0  # within 0.2 x 20 px = 4 px
+
+
+def test_predict_image_follows_the_config_and_returns_original_pixels():
+    from cpm_model.config import ExperimentConfig
+    from pipeline.train.inference import predict_image
+    from preprocessing import crops
+
+    # A 300 x 400 image; the evaluation crop (image centre, side 1.3 x 0.669 x 400 = 348 px for the
+    # synthetic kind) becomes 128 px. Dots at known original pixels inside it.
+    config = ExperimentConfig().with_overrides({"preprocess.input_size": S, "train.precision": "fp32"})
+    side = crops.image_crop_side((300, 400), config.preprocess.crop_context, crops.person_to_image_ratio("synthetic"))
+    to_original = invert_affine(crop_affine(crops.image_center((300, 400)), side, S))
+    red, green = apply_affine(np.array([[43.5, 35.5], [83.5, 75.5]]), to_original)
+    image = np.zeros((300, 400, 3), dtype=np.uint8)
+    for channel, (x, y) in ((0, red), (1, green)):
+        image[int(y) - 5:int(y) + 6, int(x) - 5:int(x) + 6, channel] = 255
+    for refine in (False, True):
+        result = predict_image(ColourDotFinder(), config.with_overrides({"train.eval_refine": refine}), image,
+                               device=torch.device("cpu"))
+        np.testing.assert_allclose(result["joints"], [red, green], atol=3.0)
+        zoom = 1.0 / np.abs(np.linalg.det(result["affine"][:, :2])) ** 0.5  # crop px per original px
+        assert zoom == pytest.approx(S / side, rel=1e-6) if not refine else zoom > 2 * S / side
