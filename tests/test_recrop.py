@@ -97,7 +97,7 @@ def test_two_pass_maps_predictions_back_to_original_pixels():
     model = ColourDotFinder()
     red, green = (44, 36), (84, 76)  # squares centred at (43.5, 35.5) and (83.5, 75.5) crop px
     images = _dots_image(red, green)
-    maps, recrop = predict_two_pass(model, images, crop_context=1.3)
+    maps, recrop, _ = predict_two_pass(model, images, crop_context=1.3)
     # The first pass finds both dots; the re-crop frames them (centre of the pair at the crop centre).
     centre = apply_affine(np.array([[63.5, 55.5]]), recrop[0].numpy())[0]
     np.testing.assert_allclose(centre, [63.5, 63.5], atol=2.0)

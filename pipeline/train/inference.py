@@ -99,16 +99,16 @@ def refine_context(config: ExperimentConfig) -> float | None:
 @torch.no_grad()
 def predict_two_pass(model: torch.nn.Module, images: torch.Tensor, crop_context: float, precision: str = "fp32",
                      flip_permutation: Sequence[int] | None = None,
-                     scales: Sequence[float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     scales: Sequence[float] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Predict, re-crop each crop around its own last-stage prediction (cpm_model.recrop), and
     predict again: (belief maps of the second pass (B, T, P+1, M, M), the CROP -> RE-CROP affines
-    (B, 2, 3) float64 on the CPU). No ground truth is involved."""
+    (B, 2, 3) float64 on the CPU, the re-crops). No ground truth is involved."""
     first = predict_belief_maps(model, images, precision, flip_permutation, scales)
     crop_xy, _ = decode_belief_maps(first[:, -1, :-1].cpu().numpy())
     crop_xy = torch.from_numpy(crop_xy)
     recrop = recrop_affines(crop_xy, torch.ones(crop_xy.shape[:2], dtype=torch.bool), images.shape[-1], crop_context)
-    second = predict_belief_maps(model, warp(images, recrop, images.shape[-1]), precision, flip_permutation, scales)
-    return second, recrop
+    recropped = warp(images, recrop, images.shape[-1])
+    return predict_belief_maps(model, recropped, precision, flip_permutation, scales), recrop, recropped
 
 
 def predict_crops(model: torch.nn.Module, images: torch.Tensor, to_original: np.ndarray, precision: str = "fp32",
@@ -120,9 +120,9 @@ def predict_crops(model: torch.nn.Module, images: torch.Tensor, to_original: np.
     images the maps were predicted on)."""
     if crop_context is None:
         return predict_belief_maps(model, images, precision, flip_permutation, scales), to_original, images
-    maps, recrop = predict_two_pass(model, images, crop_context, precision, flip_permutation, scales)
+    maps, recrop, recropped = predict_two_pass(model, images, crop_context, precision, flip_permutation, scales)
     affines = compose(torch.as_tensor(to_original, dtype=torch.float64), invert_affines(recrop)).numpy()
-    return maps, affines, warp(images, recrop, images.shape[-1])
+    return maps, affines, recropped
 
 
 def decode_all_stages(belief_maps: np.ndarray, affine: np.ndarray) -> np.ndarray:
