@@ -11,7 +11,7 @@ from cpm_model.augment import AugmentSettings, random_augment
 from cpm_model.geometry import apply_affine, crop_affine, invert_affine
 from cpm_model.joints import LSP
 from cpm_model.recrop import MIN_SIDE_FRACTION, compose, recrop_affines
-from pipeline.train.inference import predict_crops, predict_two_pass
+from pipeline.train.inference import decode_all_stages, predict_crops, predict_two_pass
 from pipeline.train.scoring import evaluate_batches
 
 S = 128
@@ -106,8 +106,6 @@ def test_two_pass_maps_predictions_back_to_original_pixels():
     # The crop came from an original image through a known affine: predictions land on the dots there.
     to_original = invert_affine(crop_affine((300.0, 200.0), 256.0, S))[None]  # crop px -> original px
     maps, affines, seen = predict_crops(model, images, to_original, crop_context=1.3)
-    from pipeline.train.inference import decode_all_stages
-
     original = decode_all_stages(maps.numpy(), affines)[0, -1]
     expected = apply_affine(np.array([[43.5, 35.5], [83.5, 75.5]]), to_original[0])
     np.testing.assert_allclose(original, expected, atol=2.0)  # 2 original px = 1 crop px
