@@ -30,7 +30,8 @@ def recrop_affines(points_xy: torch.Tensor, valid: torch.Tensor, size: int, crop
     points_xy (B, P, 2) crop pixels; valid (B, P) bool, the points to frame. The re-crop is centred
     on the valid points' bounding box with side crop_context x max(box width, height), clamped to
     [MIN_SIDE_FRACTION, MAX_SIDE_FRACTION] x size. A sample with fewer than two valid points keeps
-    its crop (the identity).
+    its crop (the identity). Per sample, `geometry.crop_affine(centre, side, size)` (no rotation),
+    batched in torch.
     """
     points = points_xy.to(torch.float64)
     valid = valid.to(torch.bool)
@@ -39,8 +40,7 @@ def recrop_affines(points_xy: torch.Tensor, valid: torch.Tensor, size: int, crop
     hi = torch.where(valid[..., None], points, torch.full_like(points, -big)).amax(dim=1)
     usable = valid.sum(dim=1) >= 2
     centre = torch.where(usable[:, None], (lo + hi) / 2.0, torch.full_like(lo, (size - 1) / 2.0))
-    box = torch.where(usable, (hi - lo).amax(dim=1), torch.full_like(lo[:, 0], float(size)))
-    side = (crop_context * box).clamp(MIN_SIDE_FRACTION * size, MAX_SIDE_FRACTION * size)
+    side = (crop_context * (hi - lo).amax(dim=1)).clamp(MIN_SIDE_FRACTION * size, MAX_SIDE_FRACTION * size)
     side = torch.where(usable, side, torch.full_like(side, float(size)))
     scale = size / side
     half = (size - 1) / 2.0

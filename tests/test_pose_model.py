@@ -29,6 +29,7 @@ from pipeline.tracking.pose_model import (
     checkpoint_of_model,
     log_pose_model,
     logged_model_of_run,
+    model_metadata,
     using_tracking_uri,
 )
 from pipeline.train.checkpoint import build_checkpoint, save_checkpoint
@@ -95,6 +96,14 @@ def expected(logged):
                                    *(["--flip"] if flip else []), uri=logged["uri"]) for flip in (False, True)}
 
 
+def test_metadata_says_when_the_model_predicts_in_two_passes():
+    from cpm_model.config import ExperimentConfig
+
+    two_pass = ExperimentConfig().with_overrides({"train.eval_refine": True})
+    meta = model_metadata({"config": two_pass, "joint_names": list(LSP.names), "metrics": [], "best_epoch": None})
+    assert meta["second_pass"] is True and "second pass on a re-crop" in meta["crop_rule"]
+
+
 def test_the_model_is_logged_once_with_its_signature_example_and_metadata(logged):
     client = logged["client"]
     model = logged_model_of_run(client, logged["experiment_id"], logged["run_id"])
@@ -112,6 +121,7 @@ def test_the_model_is_logged_once_with_its_signature_example_and_metadata(logged
     assert meta["joint_names"] == list(LSP.names) and meta["input_size"] == 64
     assert meta["stages"] == 3 and meta["receptive_field_px"] == 173 and meta["best_epoch"] == 2
     assert meta["val_pck"] == 0.25 and meta["metric"] == "PCK@0.2 (torso)" and "no ground truth" in meta["crop_rule"]
+    assert meta["second_pass"] is False and "second pass" not in meta["crop_rule"]
 
 
 def test_loaded_model_returns_the_joints_of_pipeline_predict(logged, expected):

@@ -133,7 +133,10 @@ def model_metadata(checkpoint: dict) -> dict:
     return {
         "joint_names": list(checkpoint["joint_names"]), "input_size": config.preprocess.input_size,
         "crop_rule": "evaluation crop, no ground truth: a square around the image centre (or center_x, center_y) "
-                     "with side crop_context x person_to_image_ratio x max(H, W), resized to input_size",
+                     "with side crop_context x person_to_image_ratio x max(H, W), resized to input_size"
+                     + ("; then a second pass on a re-crop of it around the first prediction (box of the "
+                        "predicted joints x crop_context)" if config.train.eval_refine else ""),
+        "second_pass": bool(config.train.eval_refine),
         "crop_context": config.preprocess.crop_context, "person_to_image_ratio": crops.person_to_image_ratio(kind),
         "dataset": kind, "stages": config.model.stages, "receptive_field_px": receptive_field_px(config.model)[-1],
         "best_epoch": checkpoint.get("best_epoch"), "metric": protocol.label,
