@@ -9,6 +9,7 @@ best epoch by validation PCK@0.2, or PCKh@0.5 for MPII), summary.json, and the f
 belief_maps.png (a validation crop's maps at every stage) and skeletons.png. Checkpoints and
 best.pt are written through temp names, fsynced, then renamed; --resume takes the newest
 checkpoint that loads (a corrupt newest one falls back to the previous kept one, with a warning).
+--no-test leaves the test split unread, for runs that choose between recipes.
 """
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     parser.add_argument("--no-figures", action="store_true")
+    parser.add_argument("--no-test", action="store_true",
+                        help="do not score the test split (for runs that choose between recipes)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser.parse_args(argv)
 
@@ -89,7 +92,7 @@ def fit(args) -> int:
           f"{config.preprocess.input_size} px, device {ctx.device}, torch threads {torch.get_num_threads()}", flush=True)
     start = time.perf_counter()
     try:
-        result = train_worker(config, ctx, progress=not args.quiet)
+        result = train_worker(config, ctx, progress=not args.quiet, score_test=not args.no_test)
     except TrainingDivergedError as exc:  # not bad input, and no traceback would say more
         print(f"error: {exc}; the checkpoints in {out} hold the epochs before it", file=sys.stderr)
         return 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -211,3 +212,21 @@ def test_fit_stops_a_diverging_run_with_one_line_naming_epoch_and_step(cache_dir
     error = capsys.readouterr().err
     assert "loss became NaN at epoch 1, step " in error and "Traceback" not in error
     assert not (tmp_path / "out" / "summary.json").exists()
+
+
+def test_fit_no_test_leaves_the_test_split_unread(tmp_path):
+    # Runs that choose between recipes (bench/recipe_levers.py) must not see the test split.
+    from pipeline import fit
+
+    caches, out = tmp_path / "caches", tmp_path / "out"
+    args = ["--out", str(out), "--quiet", "--no-figures", "--no-test"]
+    for override in TINY + [f"data.cache_dir={caches}", "train.epochs=1"]:
+        args += ["--set", override]
+    assert fit.main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert 0.0 <= summary["best_val_pck"] <= 1.0 and summary["best_epoch"] == 1
+    assert not any(key.startswith("test_") for key in summary)
+    assert len(rows) == 1 and not any(key.startswith("test_") for row in rows for key in row)
+    built = sorted(p.name for p in caches.rglob("*.h5"))
+    assert any("train" in name for name in built) and not any("test" in name for name in built), built

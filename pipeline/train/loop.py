@@ -278,10 +278,11 @@ def new_or_restored_state(config: ExperimentConfig, ctx: WorkerContext, num_part
 # --- the worker -----------------------------------------------------------------------------------
 
 def train_worker(config: ExperimentConfig | dict, ctx: WorkerContext, progress: bool = True,
-                 cache_paths: dict | None = None) -> dict:
+                 cache_paths: dict | None = None, score_test: bool = True) -> dict:
     """Train, validate every epoch, checkpoint every epoch, then score the best epoch on the test split.
 
     cache_paths: optional {split: HDF5 cache file} to use instead of building from config.data.
+    score_test: False leaves the test split unread (comparisons that choose a recipe must not see it).
     Returns {"history": [metrics per epoch], "best_epoch", "best_pck" (its validation PCK or PCKh),
     "protocol", "test": {...}, "model", ...}.
     """
@@ -324,7 +325,7 @@ def train_worker(config: ExperimentConfig | dict, ctx: WorkerContext, progress: 
     # Score the test split once, with the best epoch's weights.
     if state.best_weights is not None:
         model.load_state_dict(state.best_weights)
-    test = score_test_split(model, config, ctx, flip_permutation, progress, cache_paths)
+    test = score_test_split(model, config, ctx, flip_permutation, progress, cache_paths) if score_test else {}
     if test:
         # best_* metrics come from the best epoch's own row (pipeline.tracking.trial_logger).
         ctx.report({names.EPOCH: epochs, names.BEST_EPOCH: state.best_epoch, **test})
