@@ -4,10 +4,10 @@
 - lr_2e-3 / lr_5e-4: the Adam learning rate doubled / halved;
 - constant_lr: no cosine decay;
 - loss_sum: the loss summed over map cells instead of averaged (a loss scale of B x P x 16 x 16);
-- width_0.5: 64 / 16 / 256 channels instead of 48 / 12 / 192, for fewer epochs of about the same time;
-- input_160: 160 px crops (20 x 20 maps), for fewer epochs of about the same time.
+- width_0.5: 64 / 16 / 256 channels instead of 48 / 12 / 192, for fewer epochs;
+- input_160: 160 px crops (20 x 20 maps), for fewer epochs.
 
-    python bench/recipe_levers.py --data lspet:../shared/data/lspet [--epochs 4] [--only recipe,lr_2e-3]
+    python bench/recipe_levers.py --data lspet:../shared/data/lspet [--epochs 4] [--only recipe,lr_2e-3] [--reuse]
 
 Runs one after another on the same machine (compare them as ratios to `recipe`, measured in the
 same run) into runs/recipe_levers/NAME, with the test split left unread: these runs choose a
@@ -28,8 +28,9 @@ PRESET = REPO / "configs" / "lspet_cpu.yaml"
 
 
 def levers(epochs: int) -> dict[str, list[str]]:
-    """name -> --set overrides of the preset. The wider and larger-input runs get the epochs that
-    take about as long as `epochs` of the recipe (their measured cost per epoch is ~1.5x)."""
+    """name -> --set overrides of the preset. The wider and larger-input runs get epochs / 1.5
+    (rounded): fewer epochs for more cost per epoch (width 0.5 measured 2.3x the recipe's on 2 CPU
+    cores, so its runs still take longer; compare its wall time too)."""
     fewer = max(1, round(epochs / 1.5))
     return {
         "recipe": [],
@@ -42,21 +43,26 @@ def levers(epochs: int) -> dict[str, list[str]]:
     }
 
 
-def run_lever(name: str, overrides: list[str], epochs: int, data: str, out_root: Path) -> dict:
+def run_lever(name: str, overrides: list[str], epochs: int, data: str, out_root: Path, reuse: bool) -> dict:
     out = out_root / name
     sets = [f"train.epochs={epochs}"] + overrides  # a later --set of the same key wins
     command = [sys.executable, "-m", "pipeline.fit", "--config", str(PRESET), "--data", data, "--out", str(out),
                "--quiet", "--no-figures", "--no-test"] + [arg for s in sets for arg in ("--set", s)]
-    print(f"[{name}] {' '.join(command[1:])}", flush=True)
-    start = time.perf_counter()
-    subprocess.run(command, cwd=REPO, check=True)
-    wall = time.perf_counter() - start
+    if reuse and (out / "summary.json").exists():  # a finished run of an earlier invocation
+        wall = json.loads((out / "summary.json").read_text())["wall_time_s"]
+        print(f"[{name}] reused {out} (its wall is fit's own, without start-up)", flush=True)
+    else:
+        print(f"[{name}] {' '.join(command[1:])}", flush=True)
+        start = time.perf_counter()
+        subprocess.run(command, cwd=REPO, check=True)
+        wall = time.perf_counter() - start
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    epochs_rows = [r for r in rows if "val_pck" in r]
+    epochs_rows = [r for r in rows if "train_loss" in r]
     summary = json.loads((out / "summary.json").read_text())
+    metric = summary["metric"]  # pck (LSP) or pckh (MPII): the epoch rows' validation key
     return {"lever": name, "epochs": len(epochs_rows), "wall_s": wall,
             "train_s_per_epoch": sum(r["epoch_time_s"] for r in epochs_rows) / len(epochs_rows),
-            "best_val_pck": summary["best_val_pck"], "last_val_pck": epochs_rows[-1]["val_pck"],
+            "best_val_pck": summary["best_val_pck"], "last_val_pck": epochs_rows[-1][metric],
             "last_train_loss": epochs_rows[-1]["train_loss"]}
 
 
@@ -66,6 +72,7 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=4, help="epochs of the reference run (default 4)")
     parser.add_argument("--only", default=None, help="comma-separated lever names")
     parser.add_argument("--out", default=str(REPO / "runs" / "recipe_levers"))
+    parser.add_argument("--reuse", action="store_true", help="keep the figures of runs that finished before")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     args = parser.parse_args()
     table = levers(args.epochs)
@@ -76,7 +83,7 @@ def main() -> int:
         return 2
     results = []
     for name in names:
-        results.append(run_lever(name, table[name], args.epochs, args.data, Path(args.out)))
+        results.append(run_lever(name, table[name], args.epochs, args.data, Path(args.out), args.reuse))
         if args.json:  # after every run: a stopped benchmark keeps what it measured
             Path(args.json).write_text(json.dumps(results, indent=2))
     reference = next((r for r in results if r["lever"] == "recipe"), None)
