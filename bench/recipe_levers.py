@@ -3,7 +3,8 @@
 - recipe: configs/lspet_cpu.yaml as it is, for EPOCHS epochs (the reference);
 - lr_2e-3 / lr_5e-4: the Adam learning rate doubled / halved;
 - constant_lr: no cosine decay;
-- loss_sum: the loss summed over map cells instead of averaged (a loss scale of B x P x 16 x 16);
+- loss_sum: `loss_reduction: sum` (S / 2B, Caffe's) instead of the mean per valid map pixel: a loss
+  scale of (valid maps) x 16 x 16 / 2, up to 1,920x;
 - width_0.5: 64 / 16 / 256 channels instead of 48 / 12 / 192, for fewer epochs;
 - input_160: 160 px crops (20 x 20 maps), for fewer epochs.
 
@@ -24,13 +25,17 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from cpm_model.config import load_config  # noqa: E402
+
 PRESET = REPO / "configs" / "lspet_cpu.yaml"
 
 
 def levers(epochs: int) -> dict[str, list[str]]:
     """name -> --set overrides of the preset. The wider and larger-input runs get epochs / 1.5
-    (rounded): fewer epochs for more cost per epoch (width 0.5 measured 2.3x the recipe's on 2 CPU
-    cores, so its runs still take longer; compare its wall time too)."""
+    (rounded): fewer epochs for more cost per epoch (measured 1.8x and 1.7x the recipe's on 2 CPU
+    cores, so their runs still take longer; compare their wall time too)."""
     fewer = max(1, round(epochs / 1.5))
     return {
         "recipe": [],
@@ -43,27 +48,37 @@ def levers(epochs: int) -> dict[str, list[str]]:
     }
 
 
-def run_lever(name: str, overrides: list[str], epochs: int, data: str, out_root: Path, reuse: bool) -> dict:
+def run_lever(name: str, overrides: list[str], epochs: int, data: str, out_root: Path, reuse: bool) -> dict | int:
+    """The lever's row, or pipeline.fit's exit code when it failed (its error is already printed)."""
     out = out_root / name
     sets = [f"train.epochs={epochs}"] + overrides  # a later --set of the same key wins
     command = [sys.executable, "-m", "pipeline.fit", "--config", str(PRESET), "--data", data, "--out", str(out),
                "--quiet", "--no-figures", "--no-test"] + [arg for s in sets for arg in ("--set", s)]
-    if reuse and (out / "summary.json").exists():  # a finished run of an earlier invocation
+    if reuse and finished_with(out, load_config(PRESET, sets, data=data)):
         wall = json.loads((out / "summary.json").read_text())["wall_time_s"]
         print(f"[{name}] reused {out} (its wall is fit's own, without start-up)", flush=True)
     else:
         print(f"[{name}] {' '.join(command[1:])}", flush=True)
         start = time.perf_counter()
-        subprocess.run(command, cwd=REPO, check=True)
+        code = subprocess.run(command, cwd=REPO).returncode
+        if code != 0:
+            print(f"error: lever {name}: pipeline.fit exited with {code}", file=sys.stderr)
+            return code
         wall = time.perf_counter() - start
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    epochs_rows = [r for r in rows if "train_loss" in r]
+    epoch_rows = [r for r in rows if "train_loss" in r]
     summary = json.loads((out / "summary.json").read_text())
     metric = summary["metric"]  # pck (LSP) or pckh (MPII): the epoch rows' validation key
-    return {"lever": name, "epochs": len(epochs_rows), "wall_s": wall,
-            "train_s_per_epoch": sum(r["epoch_time_s"] for r in epochs_rows) / len(epochs_rows),
-            "best_val_pck": summary["best_val_pck"], "last_val_pck": epochs_rows[-1][metric],
-            "last_train_loss": epochs_rows[-1]["train_loss"]}
+    return {"lever": name, "epochs": len(epoch_rows), "wall_s": wall,
+            "s_per_epoch": sum(r["epoch_time_s"] for r in epoch_rows) / len(epoch_rows),  # train + validation
+            "best_val_pck": summary["best_val_pck"], "last_val_pck": epoch_rows[-1][metric],
+            "last_train_loss": epoch_rows[-1]["train_loss"]}
+
+
+def finished_with(out: Path, config) -> bool:
+    """Whether `out` holds a finished run (summary.json) of exactly this config (fit's config.yaml)."""
+    return (out / "summary.json").exists() and (out / "config.yaml").exists() \
+        and (out / "config.yaml").read_text() == config.to_yaml()
 
 
 def main() -> int:
@@ -72,7 +87,8 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=4, help="epochs of the reference run (default 4)")
     parser.add_argument("--only", default=None, help="comma-separated lever names")
     parser.add_argument("--out", default=str(REPO / "runs" / "recipe_levers"))
-    parser.add_argument("--reuse", action="store_true", help="keep the figures of runs that finished before")
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep the figures of runs that finished before with the same config")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     args = parser.parse_args()
     table = levers(args.epochs)
@@ -83,7 +99,10 @@ def main() -> int:
         return 2
     results = []
     for name in names:
-        results.append(run_lever(name, table[name], args.epochs, args.data, Path(args.out), args.reuse))
+        row = run_lever(name, table[name], args.epochs, args.data, Path(args.out), args.reuse)
+        if isinstance(row, int):
+            return row
+        results.append(row)
         if args.json:  # after every run: a stopped benchmark keeps what it measured
             Path(args.json).write_text(json.dumps(results, indent=2))
     reference = next((r for r in results if r["lever"] == "recipe"), None)
@@ -91,7 +110,7 @@ def main() -> int:
     print("|---|---|---|---|---|---|---|")
     for r in results:
         delta = f"{100 * (r['best_val_pck'] - reference['best_val_pck']):+.1f}" if reference else "-"
-        print(f"| {r['lever']} | {r['epochs']} | {r['wall_s'] / 60:.1f} | {r['train_s_per_epoch']:.0f} | "
+        print(f"| {r['lever']} | {r['epochs']} | {r['wall_s'] / 60:.1f} | {r['s_per_epoch']:.0f} | "
               f"{100 * r['best_val_pck']:.1f} | {delta} | {r['last_train_loss']:.4f} |")
     return 0
 
