@@ -3,7 +3,9 @@
     python -m pipeline.report --experiment NAME [--tracking-uri URI] [--out DIR] [--parent-run-id ID]
 
 Writes ablation_stages, ablation_receptive_field, ablation_supervision and stage_pck as .md, .csv,
-.tex and .png, pck_curves.png and report.md (all tables). Works on any store MLflow can read (a
+.tex and .png, pck_curves.png, claims.md and claims.csv (the paper's claims the runs can test, each
+with a computed verdict) and report.md (all of it). Runs are one configuration when every param but
+the seed and where the run is stored agrees; seeds are pooled into mean ± std. Works on any store MLflow can read (a
 SQLite file copied from another machine, a tracking server).
 """
 

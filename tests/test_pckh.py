@@ -12,7 +12,7 @@ import pytest
 
 from cpm_model.config import load_config
 from pipeline import evaluate
-from pipeline.reporting.runs import CONFIG_PARAMS, ConfigGroup
+from pipeline.reporting.runs import ConfigGroup, config_of
 from pipeline.reporting.tables import receptive_field_table
 from pipeline.train import metric_names as names
 from pipeline.train.context import LocalContext
@@ -115,7 +115,7 @@ def test_report_tables_of_mpii_runs_say_pckh():
                         "training_scheme": "joint", "receptive_field_rel_person": "2.9", "kernel_size": "5",
                         "metric": "pckh"},
              "metrics": {"best_pckh": 0.4 + 0.1 * seed, "test_pckh": 0.3, "test_auc": 0.2}} for seed in range(2)]
-    group = ConfigGroup({k: runs[0]["params"].get(k, "") for k in CONFIG_PARAMS}, runs)
+    group = ConfigGroup(config_of(runs[0]), runs)
     table = receptive_field_table([group], group.protocol)
     assert table.title.startswith("PCKh@0.5 (%)") and "val PCKh@0.5" in table.columns
     assert group.val().mean == pytest.approx(0.45) and table.rows[0][-2].mean == pytest.approx(0.3)

@@ -314,7 +314,7 @@ def _end_runs(writer: TrackingWriter, parent_ref: dict, status: str, reason: str
 
 def _report_to_parent_run(client: MlflowClient, experiment_id: str, parent_run_id: str) -> tuple[str, bool]:
     """The full report (pipeline.report) as artifacts of the sweep's run; returns the stage / RF
-    table to print, and whether the report was written. A report that cannot be built must not
+    tables and the claims' verdicts to print, and whether the report was written. A report that cannot be built must not
     fail a finished sweep."""
     import tempfile
 
@@ -331,4 +331,5 @@ def _report_to_parent_run(client: MlflowClient, experiment_id: str, parent_run_i
             return f"No ablation report ({type(exc).__name__}: {exc})", False
         client.log_artifacts(parent_run_id, tmp, "report")
         stages, receptive_field = report.tables[:2]
-        return to_markdown(stages, []) + "\n" + to_markdown(receptive_field, report.excluded), True
+        tables = to_markdown(stages, []) + "\n" + to_markdown(receptive_field, report.excluded)
+        return tables + "\n" + report.claims, True

@@ -41,21 +41,24 @@ def stages_figure(groups: list[ConfigGroup], joints: list[str], path: Path, prot
     largest receptive field."""
     chosen = _paper_supervised(groups)
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    by_rf: dict[int, list[ConfigGroup]] = defaultdict(list)
+    by_rf: dict[tuple, list[ConfigGroup]] = defaultdict(list)
     for g in chosen:
-        by_rf[g.rf_px].append(g)
-    for rf, members in sorted(by_rf.items()):
+        by_rf[g.rf_px, g.variant()].append(g)
+    for (rf, variant), members in sorted(by_rf.items()):
         members.sort(key=lambda g: g.stages)
-        _errorbar(left, [g.stages for g in members], [g.val() for g in members], label=f"RF {rf} px")
+        _errorbar(left, [g.stages for g in members], [g.val() for g in members], label=f"RF {rf} px {variant}")
+    first_variant = min((g.variant() for g in chosen), default="")  # one line per joint: one variant only
     widest = {}
     for g in sorted(chosen, key=lambda g: (g.stages, g.rf_px)):
-        widest[g.stages] = g
+        if g.variant() == first_variant:
+            widest[g.stages] = g
     depths = sorted(widest)
     for joint in joints:
         right.plot(depths, [100 * widest[t].val(f"{protocol.name}_{joint}").mean for t in depths], marker=".", label=joint)
     if depths:
         right.plot(depths, [100 * widest[t].val().mean for t in depths], color="black", linewidth=2.5, label="mean")
-    for ax, title in ((left, "mean over joints (± std over seeds)"), (right, "per joint (widest RF per depth)")):
+    right_title = f"per joint (widest RF per depth) {first_variant}"
+    for ax, title in ((left, "mean over joints (± std over seeds)"), (right, right_title)):
         ax.set_xlabel("number of stages T")
         ax.set_ylabel(_axis(protocol))
         ax.set_title(title)
@@ -68,12 +71,12 @@ def stages_figure(groups: list[ConfigGroup], joints: list[str], path: Path, prot
 
 def receptive_field_figure(groups: list[ConfigGroup], path: Path, protocol: names.Protocol = names.PCK) -> Path:
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    by_stages: dict[int, list[ConfigGroup]] = defaultdict(list)
+    by_stages: dict[tuple, list[ConfigGroup]] = defaultdict(list)
     for g in _paper_supervised(groups):
-        by_stages[g.stages].append(g)
-    for stages, members in sorted(by_stages.items()):
+        by_stages[g.stages, g.variant()].append(g)
+    for (stages, variant), members in sorted(by_stages.items()):
         members.sort(key=lambda g: g.rf_px)
-        _errorbar(ax, [g.rf_px for g in members], [g.val() for g in members], label=f"T={stages}")
+        _errorbar(ax, [g.rf_px for g in members], [g.val() for g in members], label=f"T={stages} {variant}")
     ax.set_xlabel("receptive field of the later stages (px of the input crop)")
     ax.set_ylabel(_axis(protocol))
     ax.set_title("receptive-field ablation (± std over seeds)")
@@ -87,18 +90,18 @@ def supervision_figure(groups: list[ConfigGroup], path: Path, protocol: names.Pr
     """Grouped bars: one group per (stages, RF), one bar per scheme / supervision setting."""
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
     settings = sorted({(g.scheme, g.supervised) for g in groups}, key=lambda s: (s[0], not s[1]))
-    places = sorted({(g.stages, g.rf_px) for g in groups})
+    places = sorted({(g.stages, g.rf_px, g.variant()) for g in groups})
     width = 0.8 / max(len(settings), 1)
     for i, setting in enumerate(settings):
         xs, stats = [], []
         for j, place in enumerate(places):
             for g in groups:
-                if (g.scheme, g.supervised) == setting and (g.stages, g.rf_px) == place:
+                if (g.scheme, g.supervised) == setting and (g.stages, g.rf_px, g.variant()) == place:
                     xs.append(j + (i - (len(settings) - 1) / 2) * width)
                     stats.append(g.val())
         ax.bar(xs, [100 * s.mean for s in stats], width, yerr=[100 * s.std for s in stats], capsize=3,
                label=SCHEME_LABELS.get(setting, setting[0]))
-    ax.set_xticks(range(len(places)), [f"T={t}\nRF {rf} px" for t, rf in places])
+    ax.set_xticks(range(len(places)), [f"T={t}\nRF {rf} px\n{variant}" for t, rf, variant in places])
     ax.set_xlabel("configuration (stages, receptive field)")
     ax.set_ylabel(_axis(protocol))
     ax.set_title("intermediate supervision and training schemes (± std over seeds)")

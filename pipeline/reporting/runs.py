@@ -13,9 +13,25 @@ from pipeline.train import metric_names as names
 
 # The paper's ablation axes: a run without one of these cannot be placed in any table.
 REQUIRED_PARAMS = ("stages", "receptive_field_px", "intermediate_supervision", "training_scheme")
-# Settings that make two runs different configurations; seeds are pooled, everything else is shown.
-CONFIG_PARAMS = REQUIRED_PARAMS + ("receptive_field_rel_person", "kernel_size", "width", "input_size", "dataset",
-                                   "metric")
+# Seeds are pooled into mean ± std; every other param that differs keeps two runs apart, except those
+# that only name or place a run, or describe the sweep around it (the trial's own values are logged).
+SEED_PARAMS = frozenset({"seed", "train.seed"})
+PLACEMENT_PARAMS = frozenset({
+    "name", "data.cache_dir", "preprocess.workers", "sweep.storage_path", "sweep.grid", "sweep.variants",
+    "sweep.search", "sweep.num_samples", "sweep.max_concurrent_trials", "sweep.max_failures", "sweep.use_gpu",
+    "tracking.tracking_uri", "tracking.experiment",
+})
+# Params of each ablation axis (the config key and what is derived from it): a table whose rows are
+# an axis does not repeat them as columns, and a claim about an axis lets exactly these differ.
+STAGE_AXIS = frozenset({"stages", "model.stages"})
+RECEPTIVE_FIELD_AXIS = frozenset({"receptive_field_px", "receptive_field_rel_person", "kernel_size", "later_convs",
+                                  "model.later_kernel", "model.later_convs"})
+SUPERVISION_AXIS = frozenset({"intermediate_supervision", "train.intermediate_supervision"})
+SCHEME_AXIS = frozenset({"training_scheme", "train.training_scheme", "train.finetune_epochs"})
+AXIS_PARAMS = STAGE_AXIS | RECEPTIVE_FIELD_AXIS | SUPERVISION_AXIS | SCHEME_AXIS
+# Summary params that restate a config key: when both vary, only the summary's name is shown.
+RESTATED = {"model.width": "width", "preprocess.input_size": "input_size", "data.spec": "dataset",
+            "train.lr": "learning_rate", "train.optimizer": "optimizer", "model.backbone": "backbone"}
 SCHEME_LABELS = {  # (training_scheme, intermediate_supervision) -> how the paper names it
     ("joint", True): "joint, intermediate supervision",
     ("joint", False): "joint, no intermediate supervision",
@@ -87,9 +103,11 @@ class Stat:
 
 @dataclass
 class ConfigGroup:
-    """The finished runs of one configuration (its seeds)."""
+    """The finished runs of one configuration (its seeds). `varying` holds the settings outside the
+    ablation axes that tell this group from the others of the report (set by `group_by_config`)."""
     config: dict[str, str]
     runs: list[dict] = field(default_factory=list)
+    varying: dict[str, str] = field(default_factory=dict)
 
     @property
     def stages(self) -> int:
@@ -121,24 +139,47 @@ class ConfigGroup:
         key = key or self.protocol.name
         return Stat.of([r["metrics"].get(f"best_{key}", r["metrics"].get(key, math.nan)) for r in self.runs])
 
+    def seeds(self) -> dict[str, dict]:
+        """seed -> run (the seed as logged; runs without one are keyed by run id)."""
+        return {r["params"].get("train.seed", r["params"].get("seed", r["run_id"])): r for r in self.runs}
+
+    def variant(self) -> str:
+        """The settings that set this group apart beyond the axes, e.g. 'lr=0.004' ('' if none)."""
+        return " ".join(f"{k.split('.')[-1]}={v}" for k, v in self.varying.items())
+
     def label(self) -> str:
-        return (f"T={self.stages} rf={self.rf_px}px is={'on' if self.supervised else 'off'}"
-                + ("" if self.scheme == "joint" else f" {self.scheme}"))
+        """E.g. 'T=3 rf=143px is=on', then the scheme when not joint and the variant."""
+        parts = [f"T={self.stages} rf={self.rf_px}px is={'on' if self.supervised else 'off'}",
+                 "" if self.scheme == "joint" else self.scheme, self.variant()]
+        return " ".join(p for p in parts if p)
+
+
+def config_of(run: dict) -> dict[str, str]:
+    """The params that make a run's configuration: all of them less the seed and placement."""
+    return {k: v for k, v in run["params"].items() if k not in SEED_PARAMS and k not in PLACEMENT_PARAMS}
 
 
 def group_by_config(runs: list[dict]) -> list[ConfigGroup]:
-    """Usable runs grouped by configuration (seeds pooled), sorted by scheme, supervision, stages, RF."""
+    """Usable runs grouped by configuration (every param but the seed and placement; seeds pooled),
+    sorted by scheme, supervision, stages, RF and the settings that vary."""
     groups: dict[tuple, ConfigGroup] = {}
     for run in filter(usable, runs):
-        key = tuple(run["params"].get(p, "") for p in CONFIG_PARAMS)
-        groups.setdefault(key, ConfigGroup(dict(zip(CONFIG_PARAMS, key)))).runs.append(run)
-    return sorted(groups.values(), key=lambda g: (g.scheme, not g.supervised, g.stages, g.rf_px))
+        config = config_of(run)
+        groups.setdefault(tuple(sorted(config.items())), ConfigGroup(config)).runs.append(run)
+    found = list(groups.values())
+    shown = varying_settings(found)
+    for g in found:
+        g.varying = {k: g.config.get(k, "") for k in shown}
+    return sorted(found, key=lambda g: (g.scheme, not g.supervised, g.stages, g.rf_px, tuple(g.varying.values())))
 
 
-def varying_settings(groups: list[ConfigGroup]) -> list[str]:
-    """Non-axis settings that differ between groups (shown, so rows are not mistaken for one axis)."""
-    extra = [p for p in CONFIG_PARAMS if p not in REQUIRED_PARAMS and p != "receptive_field_rel_person"]
-    return [p for p in extra if len({g.config[p] for g in groups}) > 1]
+def varying_settings(groups: list[ConfigGroup], shown: frozenset[str] = AXIS_PARAMS) -> list[str]:
+    """Settings that differ between groups, less `shown` (the axes a table has columns for) and
+    the config keys whose summary param is listed instead: shown so that rows are not mistaken
+    for one configuration. Summary params first, then config keys in order."""
+    keys = sorted({k for g in groups for k in g.config}, key=lambda k: ("." in k, k))
+    varying = [k for k in keys if k not in shown and len({g.config.get(k, "") for g in groups}) > 1]
+    return [k for k in varying if RESTATED.get(k) not in varying]
 
 
 def joint_names(runs: list[dict], metric: str = names.PCK.name) -> list[str]:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 
+from pipeline.reporting.claims import comparisons, write_claims
 from pipeline.reporting.runs import (
     SCHEME_LABELS,
     ConfigGroup,
@@ -130,10 +131,10 @@ def to_latex(table: Table) -> str:
 
 # --- the tables ---------------------------------------------------------------------------------
 
-def _extra_columns(groups: list[ConfigGroup], shown: tuple[str, ...] = ()) -> tuple[list[str], callable]:
-    """The settings that vary among `groups`, less those the table already has a column for."""
-    varying = [p for p in varying_settings(groups) if p not in shown]
-    return varying, (lambda g: [g.config[p] for p in varying])
+def _extra_columns(groups: list[ConfigGroup]) -> tuple[list[str], callable]:
+    """The settings outside the ablation axes that vary among `groups`: one column each."""
+    varying = varying_settings(groups)
+    return varying, (lambda g: [g.config.get(p, "") for p in varying])
 
 
 def stages_table(groups: list[ConfigGroup], joints: list[str], protocol: names.Protocol = names.PCK) -> Table:
@@ -160,7 +161,7 @@ def stages_table(groups: list[ConfigGroup], joints: list[str], protocol: names.P
 def receptive_field_table(groups: list[ConfigGroup], protocol: names.Protocol = names.PCK) -> Table:
     """The paper's receptive-field ablation: PCK against the later stages' receptive field."""
     chosen = [g for g in groups if g.scheme == "joint" and g.supervised]
-    extra, extra_of = _extra_columns(chosen, shown=("kernel_size",))
+    extra, extra_of = _extra_columns(chosen)
     label = short(protocol)
     table = Table("ablation_receptive_field",
                   f"{label} (%) against the receptive field of the later stages (pixels of the input crop)",
@@ -233,6 +234,7 @@ class Report:
     excluded: list[tuple[dict, str]]
     files: list[Path]
     markdown: str
+    claims: str  # claims.md: the paper's claims this sweep tests, with their verdicts
 
 
 def build_report(runs: list[dict], out_dir: Path) -> Report:
@@ -262,7 +264,9 @@ def build_report(runs: list[dict], out_dir: Path) -> Report:
         to_csv(table, out_dir / f"{table.name}.csv")
         files.append(out_dir / f"{table.name}.csv")
     files += draw_figures(groups, joints, out_dir, protocol)
-    combined = "\n".join(sections)
+    claims, claim_files = write_claims(comparisons(groups, protocol), groups, protocol, out_dir)
+    files += claim_files
+    combined = "\n".join([*sections, claims])
     (out_dir / "report.md").write_text(combined)
     files.append(out_dir / "report.md")
-    return Report(tables, excluded, files, combined)
+    return Report(tables, excluded, files, combined, claims)
