@@ -200,6 +200,8 @@ def test_bad_prediction_files_exit_2(tmp_path, capsys):
         assert message in capsys.readouterr().err
     assert evaluate.main(["--predictions", str(wrong_layout), "--data", f"lspet:{root}"]) == 2
     assert "--data lsp:PATH" in capsys.readouterr().err
+    assert evaluate.main(["--predictions", str(wrong_layout), "--baseline", "mean-pose", "--data", f"lsp:{root}"]) == 2
+    assert "give --predictions or --baseline, not both" in capsys.readouterr().err
 
 
 RELEASE_LSP = os.environ.get("CPM_LSP_DIR")
