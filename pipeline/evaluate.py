@@ -4,6 +4,11 @@
         [--flip] [--scales 0.8,1.0,1.2] [--refine] [--json FILE] [--figure PNG]
     python -m pipeline.evaluate --model models:/NAME/VERSION --data SPEC     # a model a sweep logged
     python -m pipeline.evaluate --baseline mean-pose --data SPEC [--config FILE] [--json FILE]
+    python -m pipeline.evaluate --predictions FILE --data lsp:PATH [--split test] [--json FILE]
+
+--predictions scores joints predicted anywhere (the CPM release's .mat, or .npz/.npy/.json/.csv:
+pipeline.prediction_files) with the authors' LSP benchmark protocol (cpm_model.lsp_benchmark),
+reading only joints.mat; `pck` in --json is that protocol's total.
 
 The protocol is validation's (pipeline.train.scoring): every stage decoded, mapped back to
 original pixels, scored with the torso normaliser; evaluation crops use no ground truth. The
@@ -29,6 +34,7 @@ from cpm_model.config import add_config_arguments
 from cpm_model.joints import flip_permutation
 from cpm_model.metrics import PCKCounts
 from pipeline.cli import UsageError, config_from_args, report_input_errors, with_overrides
+from pipeline.evaluate_predictions import check_alone, format_benchmark, score_prediction_file
 from pipeline.train.batches import scoring_batches
 from pipeline.train.caches import open_split_caches
 from pipeline.train.inference import build_model, refine_context
@@ -67,6 +73,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for --run-id and --model "
                         "(default: MLFLOW_TRACKING_URI or the embedded SQLite store)")
     parser.add_argument("--baseline", choices=["mean-pose"], help="score a baseline instead of a checkpoint")
+    parser.add_argument("--predictions", default=None, help="score a prediction file (.mat of the CPM release, "
+                        ".npz, .npy, .json, .csv) with the LSP benchmark protocol; needs --data lsp:PATH")
+    parser.add_argument("--one-based", action="store_true", help="with --predictions: subtract 1 from every "
+                        "predicted coordinate (MATLAB pixel indices -> this project's frame)")
     parser.add_argument("--data", help="data spec, e.g. lspet:/data/lspet (default: the checkpoint's)")
     parser.add_argument("--split", default="test", choices=SPLIT_CHOICES)
     parser.add_argument("--flip", action="store_true", help="average with the mirrored crop (parts swapped)")
@@ -91,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def show(report: dict, args) -> int:
     if not args.quiet:
-        print(format_table(report))
+        print(format_benchmark(report) if report.get("protocol") == "lsp-benchmark" else format_table(report))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=2))
@@ -102,6 +112,9 @@ def run(args) -> dict:
     """The report dict of what the arguments ask to score."""
     from pipeline.train.checkpoint import load_checkpoint
 
+    if args.predictions:
+        check_alone(args)
+        return score_prediction_file(args.predictions, args.data, args.split, args.one_based)
     scales = parse_scales(args.scales)
     check_counts(args)
     given = [flag for flag, value in (("--checkpoint", args.checkpoint), ("--run-id", args.run_id),
