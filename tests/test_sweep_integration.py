@@ -108,6 +108,11 @@ def test_sweep_tracks_every_trial_and_survives_a_failing_one(tmp_path, ray_tmpdi
     assert "fewer than one batch" in failed.data.tags["cpm.error"]
     # The table lists the finished configurations and names the failed one.
     assert "| 3 | 173 |" in output and f"{failed_name}: FAILED" in output
+    # The claims close the output: T=1 against T=3 (T=2 failed), one seed each, so no verdict.
+    assert "| stages | T=3 rf=173px is=on | T=1 rf=45px is=on | 1 / 1 |" in output
+    assert output.rstrip().index("**inconclusive**") > output.index("| 3 | 173 |")
+    assert {"report/claims.md", "report/claims.csv"} <= {a.path for a in client.list_artifacts(parent.info.run_id,
+                                                                                                "report")}
 
 
 def evaluated_pck(tmp: Path, *source: str) -> float:
