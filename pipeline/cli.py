@@ -24,6 +24,18 @@ def config_from_args(args, default_preset=None) -> ExperimentConfig:
                        storage_path=getattr(args, "storage_path", None))
 
 
+def check_data_spec(config: ExperimentConfig) -> None:
+    """Open the datasets `data.spec` names (the kind known, the path there, the reader's files
+    present: reading annotations, not images) before any work; ConfigError naming the spec."""
+    from preprocessing.datasets.base import DatasetError
+    from preprocessing.spec import parse_data_spec
+
+    try:
+        parse_data_spec(config.data.spec)
+    except DatasetError as exc:
+        raise ConfigError(f"data spec {config.data.spec!r} (--data or data.spec): {exc}") from None
+
+
 def with_overrides(config: ExperimentConfig, overrides: list[str], **dotted) -> ExperimentConfig:
     """A config read from a checkpoint, with --set overrides and the named dotted values that are
     not None (e.g. data.spec from --data)."""

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from cpm_model.config import add_config_arguments
-from pipeline.cli import config_from_args, report_input_errors
+from pipeline.cli import check_data_spec, config_from_args, report_input_errors
 from pipeline.train.checkpoint import CHECKPOINT_FILE, copy_durably
 from pipeline.train.context import LocalContext
 from pipeline.train.inference import confusion_example
@@ -78,6 +78,7 @@ def fit(args) -> int:
     if args.print_config:
         print(config.to_yaml())
         return 0
+    check_data_spec(config)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if not args.resume:  # a fresh run: do not mix with an earlier run's rows or checkpoints

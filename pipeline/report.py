@@ -19,6 +19,7 @@ from mlflow import MlflowClient
 
 from pipeline.reporting.tables import ReportError, build_report, load_runs
 from pipeline.tracking import store
+from pipeline.tracking.errors import TrackingError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,11 +29,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="report", help="directory for the files (default: ./report)")
     parser.add_argument("--parent-run-id", default=None, help="only the trials of this sweep run")
     args = parser.parse_args(argv)
-    client = MlflowClient(store.resolve_tracking_uri(args.tracking_uri))
     try:
-        runs = load_runs(client, args.experiment, args.parent_run_id)
+        with store.bounded_requests():
+            client = MlflowClient(store.reading_uri(args.tracking_uri))
+            runs = load_runs(client, args.experiment, args.parent_run_id)
         report = build_report(runs, Path(args.out))
-    except ReportError as exc:
+    except (ReportError, TrackingError) as exc:
         print(f"report: {exc}", file=sys.stderr)
         return 1
     print(report.markdown)

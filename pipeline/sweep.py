@@ -22,7 +22,7 @@ if __package__ in (None, ""):  # run as a script (`python pipeline/sweep.py`): u
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cpm_model.config import ConfigError, ExperimentConfig, add_config_arguments, check_path_component  # noqa: E402
-from pipeline.cli import config_from_args  # noqa: E402
+from pipeline.cli import check_data_spec, config_from_args  # noqa: E402
 
 DEFAULT_PRESET = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
 
@@ -92,6 +92,11 @@ def main(argv=None) -> int:
     if args.print_config:
         print(config.to_yaml())
         return 0
+    try:
+        check_data_spec(config)  # in --dry-run too: a spec that cannot be read fails before Ray starts
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     samples = config.sweep.num_samples
     print(f"Sweep '{config.name}': {len(trials) * samples} trial(s) on {config.data.spec}"
           + (f" ({len(trials)} grid point(s) x {samples} samples)" if samples > 1 else ""))

@@ -5,10 +5,12 @@ Each case runs the real CLI in a subprocess; a case that got past the checks wou
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import yaml
@@ -64,6 +66,11 @@ SWEEP_CASES = {
     "sweep id climbing out of the storage path": (["--sweep-id", "../../x"], ["--sweep-id", "'../../x'"]),
     "resume id climbing out": (["--resume", "../x"], ["--resume", "'../x'"]),
     "retry without resume": (["--retry-failed"], ["--retry-failed needs --resume"]),
+    # The data spec is opened (annotations, not images) before anything starts, in --dry-run too.
+    "unknown dataset kind": (["--data", "coco:/x", "--dry-run"],
+                             ["data spec 'coco:/x'", "unknown dataset 'coco'", "'lspet', 'lsp', 'mpii', 'synthetic'"]),
+    "missing dataset directory": (["--data", "lspet:/nonexistent", "--dry-run"],
+                                  ["data spec 'lspet:/nonexistent'", "directory /nonexistent does not exist"]),
 }
 
 
@@ -89,6 +96,38 @@ def test_a_single_run_refuses_a_bad_value_like_the_sweep(tmp_path, ray_tmpdir):
     result = run_cli(tmp_path, ray_tmpdir, str(REPO / "pipeline" / "sweep.py"), "--single", *sweep_args(tmp_path)[1:],
                      "--set", "train.max_steps_per_epoch=0")
     assert_refused(result, tmp_path, "'train.max_steps_per_epoch'", "got 0")
+
+
+def test_fit_refuses_a_data_spec_it_cannot_read_before_writing(tmp_path, ray_tmpdir):
+    result = run_cli(tmp_path, ray_tmpdir, "-m", "pipeline.fit", "--config", TINY, "--data", f"lsp:{tmp_path}",
+                     "--out", str(tmp_path / "out"))
+    assert_refused(result, tmp_path, f"data spec 'lsp:{tmp_path}'", f"{tmp_path / 'joints.mat'} does not exist")
+
+
+def test_commands_that_read_mlflow_give_up_on_a_silent_store(tmp_path, ray_tmpdir):
+    """A server that takes the connection and never answers (MLflow's client would retry for
+    minutes), then a SQLite store that does not exist (a look-up must not create it)."""
+    image = tmp_path / "in" / "person.png"
+    image.parent.mkdir()
+    cv2.imwrite(str(image), np.full((64, 48, 3), 128, np.uint8))
+    reads = {"report": ["-m", "pipeline.report", "--experiment", "x", "--out", str(tmp_path / "report")],
+             "evaluate": ["-m", "pipeline.evaluate", "--run-id", "abc", "--data", "synthetic:50"],
+             "predict": ["-m", "pipeline.predict", "--model", "models:/nope/1", str(image)]}
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)  # the kernel completes the handshakes; nothing ever answers
+        uri = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        for name, args in reads.items():
+            result = run_cli(tmp_path, ray_tmpdir, *args, "--tracking-uri", uri)
+            lines = result.stderr.strip().splitlines()
+            assert result.returncode != 0 and "Traceback" not in result.stderr, (name, result.stderr)
+            assert len(lines) == 1 and f"MLflow tracking server {uri} cannot be reached" in lines[0], (name, lines)
+    missing = tmp_path / "new.db"
+    for name, args in reads.items():
+        result = run_cli(tmp_path, ray_tmpdir, *args, "--tracking-uri", f"sqlite:///{missing}")
+        assert result.returncode != 0 and result.stderr.strip().endswith("set MLFLOW_TRACKING_URI)"), result.stderr
+        assert f"no MLflow store at {missing}" in result.stderr and not missing.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
 
 
 @pytest.mark.parametrize("cli", ["pipeline/sweep.py", "pipeline/sweep.py --single", "-m pipeline.fit"])

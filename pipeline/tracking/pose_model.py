@@ -220,10 +220,10 @@ def checkpoint_of_model(model_uri: str, tracking_uri: str | None = None, downloa
 
     from pipeline.train.checkpoint import BEST_MODEL_FILE
 
-    uri = store.resolve_tracking_uri(tracking_uri)
+    uri = store.reading_uri(tracking_uri)
     target = download_dir or tempfile.mkdtemp(prefix="cpm-model-")
     try:
-        with using_tracking_uri(uri):
+        with using_tracking_uri(uri), store.bounded_requests():
             return Path(mlflow.artifacts.download_artifacts(
                 artifact_uri=f"{model_uri.rstrip('/')}/artifacts/{BEST_MODEL_FILE}", dst_path=target, tracking_uri=uri))
     except Exception as exc:  # MLflow raises its own types for unknown names, versions and paths
@@ -235,11 +235,16 @@ def best_checkpoint_of_run(run_id: str, tracking_uri: str | None = None, downloa
     """A local file holding a trial run's best checkpoint: the one in its pose model, else (runs
     logged before models were) its `best_model.pt` artifact, else the checkpoint directory its
     `cpm.best_checkpoint` tag points to."""
+    with store.bounded_requests():
+        return _best_checkpoint_of_run(run_id, tracking_uri, download_dir)
+
+
+def _best_checkpoint_of_run(run_id: str, tracking_uri: str | None, download_dir: str | None) -> Path:
     import tempfile
 
     from pipeline.train.checkpoint import BEST_MODEL_FILE, CHECKPOINT_FILE  # imports torch: only here
 
-    uri = store.resolve_tracking_uri(tracking_uri)
+    uri = store.reading_uri(tracking_uri)
     client = MlflowClient(uri)
     try:
         run = client.get_run(run_id)

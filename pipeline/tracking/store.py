@@ -8,6 +8,7 @@ is created, so a resumed sweep or a restarted trial keeps writing to the same ru
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import subprocess
 import sys
@@ -47,6 +48,43 @@ def resolve_tracking_uri(configured: str | None) -> str:
         path = Path(uri[len("sqlite:///"):]).expanduser().resolve()
         path.parent.mkdir(parents=True, exist_ok=True)
         uri = f"sqlite:///{path}"
+    return uri
+
+
+# Commands that only read (report, evaluate, predict) give up on a silent store after about this
+# long per request, where MLflow's client retries for minutes.
+READ_TIMEOUT_S = 8
+
+
+@contextlib.contextmanager
+def bounded_requests(timeout_s: float = READ_TIMEOUT_S):
+    """MLflow's HTTP requests inside the block: one try each, at most `timeout_s` (its client would
+    retry 7 times with back-off); the environment is put back after."""
+    bounded = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(int(timeout_s))}
+    saved = {key: os.environ.get(key) for key in bounded}
+    os.environ.update(bounded)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def reading_uri(configured: str | None) -> str:
+    """The tracking URI for a command that only reads, checked: a SQLite store must already exist
+    (a look-up never creates one) and a server or database must answer within seconds (run the
+    reads themselves inside `bounded_requests`). TrackingError, naming the store, otherwise."""
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{DEFAULT_HOME.expanduser() / 'mlflow.db'}"
+    if uri.startswith("sqlite:///"):
+        path = Path(uri[len("sqlite:///"):]).expanduser().resolve()
+        if not path.is_file():
+            raise TrackingError(f"no MLflow store at {path}: nothing was tracked there (pass --tracking-uri, "
+                                f"or set MLFLOW_TRACKING_URI)")
+        uri = f"sqlite:///{path}"
+    check_reachable(uri, timeout_s=READ_TIMEOUT_S / 2, answer_timeout_s=READ_TIMEOUT_S)
     return uri
 
 
@@ -103,19 +141,11 @@ def check_reachable(uri: str, timeout_s: float = 5.0, answer_timeout_s: float = 
     elif is_database_uri(uri):
         _check_database_login(uri, shown, timeout_s)
     # A server whose own database is down answers /health but fails every request: no retries here.
-    bounded = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(int(answer_timeout_s))}
-    saved = {key: os.environ.get(key) for key in bounded}
-    os.environ.update(bounded)
-    try:
-        MlflowClient(uri).search_experiments(max_results=1)
-    except Exception as exc:  # any store error means runs could not be written
-        raise TrackingError(f"MLflow tracking store {shown} cannot be used: {scrub(str(exc), uri)}") from None
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    with bounded_requests(answer_timeout_s):
+        try:
+            MlflowClient(uri).search_experiments(max_results=1)
+        except Exception as exc:  # any store error means runs could not be written
+            raise TrackingError(f"MLflow tracking store {shown} cannot be used: {scrub(str(exc), uri)}") from None
 
 
 def _check_health(uri: str, shown: str, timeout_s: float) -> None:
