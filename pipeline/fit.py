@@ -25,6 +25,7 @@ import torch
 
 from cpm_model.config import add_config_arguments
 from pipeline.cli import check_data_spec, config_from_args, report_input_errors
+from pipeline.tracking.fit_tracker import FitTracker
 from pipeline.train.checkpoint import CHECKPOINT_FILE, copy_durably
 from pipeline.train.context import LocalContext
 from pipeline.train.inference import confusion_example
@@ -65,6 +66,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-test", action="store_true",
                         help="do not score the test split (for runs that choose between recipes)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--track", action="store_true",
+                        help="log the run to MLflow like a sweep's trial (tracking.tracking_uri, else "
+                        "MLFLOW_TRACKING_URI, else the embedded SQLite store)")
+    parser.add_argument("--tracking-uri", default=None, help="log the run to this MLflow store (implies --track)")
     return parser.parse_args(argv)
 
 
@@ -81,6 +86,9 @@ def fit(args) -> int:
     check_data_spec(config)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    # The store is checked before an earlier run's files in `out` are cleared.
+    tracker = FitTracker(config.tracking.tracking_uri, config, out, args.resume) \
+        if args.track or args.tracking_uri else None
     if not args.resume:  # a fresh run: do not mix with an earlier run's rows or checkpoints
         (out / "metrics.jsonl").unlink(missing_ok=True)
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
@@ -88,7 +96,8 @@ def fit(args) -> int:
     # Two newest (plus the best) as Ray's num_to_keep=2: a corrupt newest one leaves one to resume from.
     # A bar on a terminal; in a log (no terminal) a line about once a minute, for long epochs only.
     ctx = LocalContext(out, device=args.device, resume=args.resume, keep_checkpoints=2,
-                       progress=None if args.quiet else "bar" if sys.stderr.isatty() else "line")
+                       progress=None if args.quiet else "bar" if sys.stderr.isatty() else "line",
+                       on_report=tracker.on_report if tracker else None)
     print(f"{config.name}: data {config.data.spec}, {config.model.stages} stages, input "
           f"{config.preprocess.input_size} px, device {ctx.device}, torch threads {torch.get_num_threads()}", flush=True)
     start = time.perf_counter()
@@ -96,6 +105,8 @@ def fit(args) -> int:
         result = train_worker(config, ctx, progress=not args.quiet, score_test=not args.no_test)
     except TrainingDivergedError as exc:  # not bad input, and no traceback would say more
         print(f"error: {exc}; the checkpoints in {out} hold the epochs before it", file=sys.stderr)
+        if tracker:
+            print(tracker.finish("FAILED", [out / "metrics.jsonl"], None), flush=True)
         return 1
     elapsed = time.perf_counter() - start
 
@@ -114,6 +125,9 @@ def fit(args) -> int:
     print(f"best epoch {result['best_epoch']}: val {label} {100 * result['best_pck']:.1f}%"
           + (f", test {label} {100 * result['test']['test_' + protocol.name]:.1f}%" if result["test"] else "")
           + f"; {elapsed / 60:.1f} min; wrote {out}", flush=True)
+    if tracker:
+        files = [out / "summary.json", out / "metrics.jsonl", *map(Path, summary.get("figures", {}).values())]
+        print(tracker.finish("FINISHED", files, out / "best.pt"), flush=True)
     return 0
 
 

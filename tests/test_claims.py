@@ -19,7 +19,7 @@ from pipeline.distributed.space import expand_grid, make_trial
 from pipeline.reporting import claims as claims_module
 from pipeline.reporting.runs import group_by_config
 from pipeline.reporting.tables import build_report
-from pipeline.tracking.trial_logger import trial_params
+from pipeline.tracking.run_ops import trial_params
 from pipeline.train import metric_names as names
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"

@@ -176,6 +176,11 @@ def _configure_tune() -> None:
     # The MLflow callback is the runs' single writer; a SQLite commit on a busy disk takes 0.5-2 s,
     # which Tune would otherwise report as a slow callback after every epoch.
     os.environ.setdefault("TUNE_WARN_THRESHOLD_S", "5")
+    # Tune reads that variable once, when ray.tune is first imported (before this runs): set the
+    # threshold it was read into as well.
+    from ray.tune.utils.util import warn_if_slow
+
+    warn_if_slow.DEFAULT_THRESHOLD = float(os.environ["TUNE_WARN_THRESHOLD_S"])
     # SIGINT stops the sweep like SIGTERM (pipeline.distributed.interrupts), not through Tune's own handler.
     os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
     bound_http_retries()

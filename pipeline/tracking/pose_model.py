@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import logging
 import os
 from importlib import metadata
 from pathlib import Path
@@ -177,6 +178,25 @@ def using_tracking_uri(uri: str):
             os.environ["MLFLOW_TRACKING_URI"] = exported
 
 
+@contextlib.contextmanager
+def quiet_model_logging():
+    """MLflow's lines while logging a pose model, which the user cannot act on: the warning that a
+    Python object is pickled (PoseModel is this project's own class, loaded by this project), the
+    note that the input example is validated, and the artifact download bar of that validation."""
+    logger = logging.getLogger("mlflow.pyfunc")
+    level, bar = logger.level, os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    logger.setLevel(logging.ERROR)
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+        if bar is None:
+            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
+        else:
+            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = bar
+
+
 def _models_of_run(client: MlflowClient, experiment_id: str, run_id: str) -> list:
     # Filtered by run in the store: an experiment that many sweeps share holds more models than a page.
     models = client.search_logged_models(
@@ -206,7 +226,7 @@ def log_pose_model(tracking_uri: str, experiment_id: str, run_id: str, checkpoin
     checkpoint = load_checkpoint(checkpoint_path)
     # Created here, in the run's experiment: Model.log without an active run would put it in the default one.
     logged = models[0] if models else client.create_logged_model(experiment_id, name=MODEL_NAME, source_run_id=run_id)
-    with using_tracking_uri(tracking_uri):
+    with using_tracking_uri(tracking_uri), quiet_model_logging():
         Model.log(artifact_path=None, name=MODEL_NAME, flavor=mlflow.pyfunc, run_id=run_id, model_id=logged.model_id,
                   python_model=PoseModel(), artifacts={CHECKPOINT_ARTIFACT: str(checkpoint_path)},
                   signature=SIGNATURE, input_example=example_input(), metadata=model_metadata(checkpoint),

@@ -14,50 +14,13 @@ from typing import Any
 
 from ray import tune
 
-from cpm_model.receptive_field import later_layout
 from pipeline.distributed.interrupts import SweepStopped, stop_requested
 from pipeline.distributed.space import TrialSpec, trial_of
 from pipeline.tracking import store
+from pipeline.tracking.run_ops import open_op, row_metrics, summary_op
 from pipeline.tracking.writer import TrackingWriter, active_writer, metrics_op, ref_key, run_ref
 from pipeline.train import metric_names as names
 from pipeline.train.checkpoint import BEST_MODEL_FILE
-from pipeline.train.scoring import protocol_for
-
-_SKIP = {names.EPOCH, "training_iteration", "timestamp", "time_this_iter_s", "time_total_s", "pid",
-         "time_since_restore", "iterations_since_restore", "done", "trial_id", "date", "hostname",
-         "node_ip", "checkpoint_dir_name", "should_checkpoint", names.ARTIFACTS_DIR, names.BEST_CHECKPOINT_DIR,
-         names.RESENT}
-
-
-def cache_hash(path: str) -> str:
-    """The content hash a cache file's name carries (…-{split}-{size}px-{hash}.h5)."""
-    return Path(path).stem.rsplit("-", 1)[-1]
-
-
-def trial_params(spec, cache_hashes: dict[str, str]) -> dict[str, Any]:
-    """Flat params, the same names in every run: the paper's ablation axes first, then the config."""
-    c = spec.config
-    later_kernel, later_convs = later_layout(c.model.backbone, c.model.later_kernel, c.model.later_convs)
-    params = {
-        "stages": c.model.stages,
-        "receptive_field_px": spec.receptive_field_px,
-        "receptive_field_rel_person": spec.relative_receptive_field,
-        "intermediate_supervision": c.train.intermediate_supervision,
-        "training_scheme": c.train.training_scheme,
-        "kernel_size": later_kernel,
-        "later_convs": later_convs,
-        "width": c.model.width,
-        "input_size": c.preprocess.input_size,
-        "backbone": c.model.backbone,
-        "dataset": c.data.spec,
-        "cache_hash": cache_hash(cache_hashes["train"]) if "train" in cache_hashes else "",
-        "learning_rate": c.train.lr,
-        "optimizer": c.train.optimizer,
-        "seed": c.train.seed,
-        "metric": protocol_for(c).name,  # pck (PCK@0.2, torso) or pckh (PCKh@0.5, MPII)
-    }
-    params.update(c.flat_params())
-    return params
 
 
 class MLflowTrialLogger(tune.Callback):
@@ -110,14 +73,8 @@ class MLflowTrialLogger(tune.Callback):
             return self.refs[trial.trial_id]
         spec, ref = self._identity(trial)
         hashes = self.cache_hashes.get(spec.key, {})
-        self.writer.submit({
-            "kind": "open", "run": ref, "run_name": spec.run_name, "history_key": names.TRAIN_LOSS,
-            "tags": {store.KIND_TAG: "trial", "mlflow.parentRunId": self.parent_run_id,
-                     "cpm.overrides": str(spec.overrides), **self.extra_tags},
-            "params": {k: str(v) for k, v in trial_params(spec, hashes).items()},
-            "datasets": [{"name": f"{spec.config.data.spec} [{split}]", "path": path, "digest": cache_hash(path),
-                          "split": split} for split, path in sorted(hashes.items())],
-            "config_yaml": spec.config.to_yaml()})
+        self.writer.submit(open_op(ref, spec, hashes, {"mlflow.parentRunId": self.parent_run_id,
+                                                      "cpm.overrides": str(spec.overrides), **self.extra_tags}))
         self.refs[trial.trial_id] = ref
         logged = self.writer.max_step.get(ref_key(ref))  # None while the open is queued
         self.history_known[trial.trial_id] = logged is not None and self.writer.pending == 0
@@ -147,23 +104,17 @@ class MLflowTrialLogger(tune.Callback):
 
     def _log_result(self, trial, result: dict) -> None:
         ref = self._open(trial)
-        metrics = {k: v for k, v in result.items() if k not in _SKIP and _is_number(v)}
         if names.is_epoch_row(result):
             epoch = int(result[names.EPOCH])
             if epoch <= self.last_epoch.get(trial.trial_id, 0):
                 return  # already logged before a restart
-            if result.get(names.BEST_EPOCH) == epoch:  # a new best: best_* = this epoch's values
-                metrics.update({names.BEST_PREFIX + k: v for k, v in metrics.items() if names.is_best_tracked(k)})
-            self.writer.submit(metrics_op(ref, metrics, epoch, names.TRAIN_LOSS,
+            self.writer.submit(metrics_op(ref, row_metrics(result), epoch, names.TRAIN_LOSS,
                                           guard=not self.history_known.get(trial.trial_id, False)))
             self.last_epoch[trial.trial_id] = epoch
         elif result.get(names.ARTIFACTS_DIR):
             self._log_artifacts(ref, result)
-        elif metrics:
-            # A summary row (the test split) comes once per trial; a resumed trial may send it again.
-            test_key = names.TEST_PREFIX + protocol_for(self._identity(trial)[0].config).name
-            probe = test_key if test_key in metrics else sorted(metrics)[0]
-            self.writer.submit(metrics_op(ref, metrics, int(result.get("epoch", 0) or 0), probe, guard=True))
+        elif row_metrics(result):
+            self.writer.submit(summary_op(ref, result, self._identity(trial)[0].config))
 
     def _log_artifacts(self, ref: dict, result: dict) -> None:
         directory = Path(result[names.ARTIFACTS_DIR])
@@ -225,10 +176,6 @@ def _stop_if_requested() -> None:
     signum = stop_requested()
     if signum is not None:
         raise SweepStopped(signum)
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _error_text(trial) -> str:
