@@ -3,8 +3,9 @@
     python -m pipeline.report --experiment NAME [--tracking-uri URI] [--out DIR] [--parent-run-id ID]
 
 Writes ablation_stages, ablation_receptive_field, ablation_supervision and stage_pck as .md, .csv,
-.tex and .png, pck_curves.png and report.md (all tables). Works on any store MLflow can read (a
-SQLite file copied from another machine, a tracking server).
+.tex and .png, pck_curves.png, gradients.png (when the runs carry gradients.json) and report.md
+(all tables). Works on any store MLflow can read (a SQLite file copied from another machine, a
+tracking server).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     client = MlflowClient(store.resolve_tracking_uri(args.tracking_uri))
     try:
         runs = load_runs(client, args.experiment, args.parent_run_id)
-        report = build_report(runs, Path(args.out))
+        report = build_report(runs, Path(args.out), client)
     except ReportError as exc:
         print(f"report: {exc}", file=sys.stderr)
         return 1

@@ -235,7 +235,7 @@ class Report:
     markdown: str
 
 
-def build_report(runs: list[dict], out_dir: Path) -> Report:
+def build_report(runs: list[dict], out_dir: Path, client: MlflowClient | None = None) -> Report:
     """Every table (md, csv, tex) and figure (png) into out_dir; raises ReportError when nothing finished."""
     groups = group_by_config(runs)
     excluded = excluded_runs(runs)
@@ -262,7 +262,11 @@ def build_report(runs: list[dict], out_dir: Path) -> Report:
         to_csv(table, out_dir / f"{table.name}.csv")
         files.append(out_dir / f"{table.name}.csv")
     files += draw_figures(groups, joints, out_dir, protocol)
-    combined = "\n".join(sections)
+    from pipeline.reporting.gradients import write_gradients_figure  # reads each run's gradients.json
+
+    drawn, gradients_line = write_gradients_figure(client, runs, out_dir)
+    files += drawn
+    combined = "\n".join(sections + [gradients_line + "\n"])
     (out_dir / "report.md").write_text(combined)
     files.append(out_dir / "report.md")
     return Report(tables, excluded, files, combined)
