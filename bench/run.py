@@ -10,6 +10,9 @@ Parts (default: all that the device allows):
   paper        (cuda) the same for the paper's 6-stage model at 368 px, batch 32
   read         cache read + augmentation + target rendering (samples/s) against decoding, cropping
                and rendering on the fly (LSPET at 128 px)
+  gradients    an epoch of the worker loop with gradient sampling (grad_norm_stage{t}, gradients.json:
+               4 sampled steps) against without, on the reference config's whole train split; and
+               the time of one sampled step's measurement on the reference, lspet_cpu and paper models
   memory       peak RSS of a training worker process on a cache of 1,000 samples and on the full
                train split (one subprocess each)
   distributed  per-trial overhead of a sweep with its breakdown, Ray Train's own start-up per fit(),
@@ -195,6 +198,33 @@ def part_read(figures, args, tmp: Path) -> None:
     cache.close()
 
 
+def part_gradients(figures, args, tmp: Path) -> None:
+    from pipeline.train.gradients import SAMPLED_STEPS_PER_EPOCH
+
+    device = torch.device(args.device)
+    overrides = [f"data.cache_dir={tmp / 'cache'}"] + (["data.spec=synthetic:200"] if args.cpu_smoke else [])
+    config = load_config(str(REPO / REFERENCE_PRESET), overrides)
+    cache = train_cache(config, tmp / "cache")
+    repeats = 1 if args.cpu_smoke else 4 if args.quick else 8  # even: ABBA order
+    steps = len(cache) // config.train.batch_size  # a whole epoch, as a trial trains it
+    setup = speed.StepSetup("bf16" if use_bf16(config.train.precision, device) else "fp32", channels_last=True)
+    state = speed.build_training_state(speed.config_with(config, setup), device, setup, 10**6)
+    speed.time_pipeline(config, cache, device, setup, 5, 0, state)  # warm-up, once
+    paired = speed.interleaved_ratio(
+        lambda: speed.time_pipeline(config, cache, device, setup, steps, 0, state),
+        lambda: speed.time_pipeline(config, cache, device, setup, steps, 0, state,
+                                    gradient_samples=SAMPLED_STEPS_PER_EPOCH), repeats)
+    report(figures, paired_figure("gradient_sampling_epoch", paired, "images/s", steps=steps, repeats=repeats,
+                                  measured=f"worker loop epoch with {SAMPLED_STEPS_PER_EPOCH} sampled steps vs none, "
+                                           "default preset's network", setup=setup.label, device=str(device)))
+    models = {"default": config, "lspet_cpu": load_config(str(REPO / "configs" / "lspet_cpu.yaml"), []),
+              "paper": load_config(None, PAPER_OVERRIDES)}
+    for label, model_config in models.items():
+        seconds = speed.time_gradient_sample(model_config, device)
+        report(figures, figure(f"gradient_sample_ms_{label}", 1000 * seconds, "ms", None, device=str(device),
+                               measured=f"one sampled step's measurement, {label} model"))
+
+
 def part_memory(figures, args, tmp: Path) -> None:
     spec = f"lspet:{LSPET}"
     command = [sys.executable, "-m", "preprocessing", "build", "--data", spec, "--size", "128", "--split", "train"]
@@ -232,8 +262,8 @@ def part_distributed(figures, args, tmp: Path) -> None:
                            scaling["images_per_s_1_worker"], measured="one configuration, 2 workers x 16 vs 1 x 32"))
 
 
-PARTS = {"overhead": part_overhead, "paper": part_paper, "read": part_read, "memory": part_memory,
-         "distributed": part_distributed}
+PARTS = {"overhead": part_overhead, "paper": part_paper, "read": part_read, "gradients": part_gradients,
+         "memory": part_memory, "distributed": part_distributed}
 
 
 def machine() -> dict:
@@ -261,7 +291,7 @@ def main() -> None:
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
     if args.parts is None:
-        args.parts = ["overhead", "read", "memory"] + (["paper"] if args.device == "cuda" else []) + \
+        args.parts = ["overhead", "read", "gradients", "memory"] + (["paper"] if args.device == "cuda" else []) + \
             ([] if args.quick else ["distributed"])
     args.suffix = lambda label: "" if label.startswith("default") else "_paper"
     info = machine()

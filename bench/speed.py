@@ -4,6 +4,8 @@
 - pipeline: the worker loop's own `train_one_epoch` (cache reads, augmentation, target rendering,
   model, loss, optimizer, scheduler) over a cache, warm-up excluded;
 - FLOPs per image (torch.utils.flop_counter) and achieved TFLOP/s;
+- gradient sampling: an epoch with and without `pipeline.train.gradients.GradientSampler`, and the
+  time of one sampled step's measurement;
 - peak RSS of a worker process training on a cache (one subprocess per measurement).
 
 Needs only torch, numpy, h5py and this repository (no Ray, no MLflow), so it runs on a bare GPU box.
@@ -32,6 +34,7 @@ from cpm_model.config import ExperimentConfig, load_config  # noqa: E402
 from cpm_model.loss import belief_map_loss  # noqa: E402
 from cpm_model.joints import flip_permutation as flip_permutation_of  # noqa: E402
 from pipeline.train.batches import derived_seed, epoch_batches, train_batches  # noqa: E402
+from pipeline.train.gradients import GradientSampler  # noqa: E402
 from pipeline.train.inference import autocast, build_model  # noqa: E402
 from pipeline.train.loop import compiled_for_training, train_one_epoch  # noqa: E402
 from pipeline.train.schedule import PhaseSchedule, make_optimizer, training_phases  # noqa: E402
@@ -120,13 +123,15 @@ def time_model_alone(config: ExperimentConfig, device: torch.device, setup: Step
 
 
 def time_pipeline(config: ExperimentConfig, cache, device: torch.device, setup: StepSetup, steps: int,
-                  warmup: int, state=None, epoch: int = 0, augment_in_loader: bool = True) -> float:
+                  warmup: int, state=None, epoch: int = 0, augment_in_loader: bool = True,
+                  gradient_samples: int = 0) -> float:
     """images/s of the worker loop's own epoch (epoch_batches + train_one_epoch: cache reads,
     augmentation, target rendering, model, loss, optimizer, scheduler) over `steps` batches, after
     a warm-up pass of `warmup` batches; the same setup as time_model_alone.
-    augment_in_loader=False: augmentation in the consuming thread (what an accelerator device does)."""
+    augment_in_loader=False: augmentation in the consuming thread (what an accelerator device does).
+    gradient_samples > 0: with a GradientSampler measuring that many steps, as train_worker does."""
     config = config_with(config, setup)
-    _, step_model, optimizer, scheduler = state or build_training_state(config, device, setup, steps + warmup)
+    model, step_model, optimizer, scheduler = state or build_training_state(config, device, setup, steps + warmup)
     flip_permutation = flip_permutation_of(len(cache.joint_names), cache.flip_pairs)
 
     def run(count: int, index: int) -> float:
@@ -136,13 +141,33 @@ def time_pipeline(config: ExperimentConfig, cache, device: torch.device, setup: 
             batches.prepare_in_reader = False
         sync(device)
         start = time.perf_counter()
-        sums = train_one_epoch(step_model, optimizer, scheduler, batches, capped, None, device)
+        sampler = GradientSampler(model, len(batches), device, gradient_samples) if gradient_samples else None
+        sums = train_one_epoch(step_model, optimizer, scheduler, batches, capped, None, device, gradients=sampler)
         sync(device)
         return sums["images"] / (time.perf_counter() - start)
 
     if warmup:
         run(warmup, epoch + 1000)
     return run(steps, epoch)
+
+
+def time_gradient_sample(config: ExperimentConfig, device: torch.device, calls: int = 7) -> float:
+    """Median seconds of one sampled step's measurement (GradientSampler.after_backward, device
+    synced) on the config's model, with a gradient on every parameter."""
+    torch.manual_seed(0)
+    model = build_model(config, NUM_PARTS).to(device)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    sampler = GradientSampler(model, steps=1, device=device, samples=1)
+    times = []
+    for _ in range(calls):
+        sync(device)
+        start = time.perf_counter()
+        sampler.after_backward(1)
+        sync(device)
+        times.append(time.perf_counter() - start)
+    sampler.epoch_summary()
+    return statistics.median(times)
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,8 @@
 
 Prints one row per epoch. Writes into --out: config.yaml, metrics.jsonl (one JSON row per epoch,
 then the test row), checkpoints/epoch_NNNN/checkpoint.pt (the two newest and the best), best.pt (the
-best epoch by validation PCK@0.2, or PCKh@0.5 for MPII), summary.json, and the figures learning_curve.png,
+best epoch by validation PCK@0.2, or PCKh@0.5 for MPII), summary.json, gradients.json (gradient
+magnitudes per stage and per convolution at a few steps of every epoch), and the figures learning_curve.png,
 belief_maps.png (a validation crop's maps at every stage) and skeletons.png. Checkpoints and
 best.pt are written through temp names, fsynced, then renamed; --resume takes the newest
 checkpoint that loads (a corrupt newest one falls back to the previous kept one, with a warning).
@@ -28,6 +29,7 @@ from pipeline.cli import check_data_spec, config_from_args, report_input_errors
 from pipeline.tracking.fit_tracker import FitTracker
 from pipeline.train.checkpoint import CHECKPOINT_FILE, copy_durably
 from pipeline.train.context import LocalContext
+from pipeline.train.gradients import write_gradients_file
 from pipeline.train.inference import confusion_example
 from pipeline.train.loop import TrainingDivergedError, train_worker
 
@@ -120,6 +122,7 @@ def fit(args) -> int:
         paths = make_figures(result["model"], result["val_cache"], config, out, result["history"])
         summary["figures"] = {k: str(v) for k, v in paths.items()}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    write_gradients_file(result["model"], result["gradients"], out)
     protocol = result["protocol"]
     label = protocol.label.split(" ")[0]
     print(f"best epoch {result['best_epoch']}: val {label} {100 * result['best_pck']:.1f}%"

@@ -3,10 +3,11 @@
     python -m pipeline.report --experiment NAME [--tracking-uri URI] [--out DIR] [--parent-run-id ID]
 
 Writes ablation_stages, ablation_receptive_field, ablation_supervision and stage_pck as .md, .csv,
-.tex and .png, pck_curves.png, claims.md and claims.csv (the paper's claims the runs can test, each
-with a computed verdict) and report.md (all of it). Runs are one configuration when every param but
-the seed and where the run is stored agrees; seeds are pooled into mean ± std. Works on any store MLflow can read (a
-SQLite file copied from another machine, a tracking server).
+.tex and .png, pck_curves.png, gradients.png (when the runs carry gradients.json), claims.md and
+claims.csv (the paper's claims the runs can test, each with a computed verdict) and report.md (all
+of it). Runs are one configuration when every param but the seed and where the run is stored
+agrees; seeds are pooled into mean ± std. Works on any store MLflow can read (a SQLite file copied
+from another machine, a tracking server).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         with store.bounded_requests():
             client = MlflowClient(store.reading_uri(args.tracking_uri))
             runs = load_runs(client, args.experiment, args.parent_run_id)
-        report = build_report(runs, Path(args.out))
+            report = build_report(runs, Path(args.out), client)
     except (ReportError, TrackingError) as exc:
         print(f"report: {exc}", file=sys.stderr)
         return 1

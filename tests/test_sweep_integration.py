@@ -83,9 +83,12 @@ def test_sweep_tracks_every_trial_and_survives_a_failing_one(tmp_path, ray_tmpdi
         assert epochs_logged(client, run.info.run_id) == list(range(1, EPOCHS + 1))
         stages = int(params["stages"])
         assert all(f"pck_stage{t}" in run.data.metrics for t in range(1, stages + 1))
+        for t in range(1, stages + 1):  # sampled gradient norms, one per epoch and stage
+            history = client.get_metric_history(run.info.run_id, f"grad_norm_stage{t}")
+            assert sorted(m.step for m in history) == list(range(1, EPOCHS + 1)) and all(m.value > 0 for m in history)
         assert 0.0 <= run.data.metrics["best_pck"] <= 1.0 and "test_pck" in run.data.metrics
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-        assert {"config.yaml", "belief_maps_per_stage.png"} <= artifacts
+        assert {"config.yaml", "belief_maps_per_stage.png", "gradients.json"} <= artifacts
         models = [m for m in client.search_logged_models([run.info.experiment_id]) if m.source_run_id == run.info.run_id]
         assert [m.status.name for m in models] == ["READY"]  # the best weights, as an MLflow model
         assert run.data.tags["mlflow.source.git.commit"]

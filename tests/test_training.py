@@ -68,10 +68,16 @@ def test_metrics_keys_per_epoch(straight_run):
     for m in history:
         for key in ("epoch", "train_loss", "train_loss_stage1", "train_loss_stage2", "pck", "pck_stage1",
                     "pck_stage2", "pck_right_wrist", "pck_head_top", "pck@0.1", "auc", "lr", "epoch_time_s",
-                    "images_per_s"):
+                    "images_per_s", "grad_norm_stage1", "grad_norm_stage2"):
             assert key in m, key
         assert 0.0 <= m["pck"] <= 1.0 and 0.0 <= m["auc"] <= 1.0
         assert m["pck"] == m["pck_stage2"]
+        assert all(0.0 < m[f"grad_norm_stage{t}"] < math.inf for t in (1, 2))
+    # The per-layer record behind them: 4 steps an epoch, all sampled; its stage norms are the row's.
+    gradients = result["gradients"]
+    assert [g["epoch"] for g in gradients] == [1, 2] and all(g["sampled_steps"] == [1, 2, 3, 4] for g in gradients)
+    assert [g["stage_grad_norm"] for g in gradients] == [[m["grad_norm_stage1"], m["grad_norm_stage2"]]
+                                                         for m in history]
     assert 0.0 <= result["test"]["test_pck"] <= 1.0 and "test_pck_stage1" in result["test"]
     assert result["best_epoch"] in (1, 2)
     assert (out / "metrics.jsonl").read_text().count("\n") == 3  # two epochs and the test row
@@ -104,6 +110,7 @@ def test_resume_continues_exactly(straight_run, tmp_path):
     assert resumed["history"][1]["pck"] == result["history"][1]["pck"]
     assert resumed["best_epoch"] == result["best_epoch"]
     assert resumed["test"]["test_pck"] == result["test"]["test_pck"]
+    assert resumed["gradients"] == result["gradients"]  # epoch 1's from the checkpoint, epoch 2's measured again
     for (name, a), b in zip(result["model"].state_dict().items(), resumed["model"].state_dict().values()):
         assert torch.equal(a, b), name
 
@@ -115,6 +122,10 @@ def test_stagewise_then_finetune(cache_dir, tmp_path):
     result, _ = _run(config, tmp_path)
     history = result["history"]
     assert [m["trained_stage"] for m in history] == [1, 2, 0]
+    # A frozen stage has no gradient: stage 2's norm is 0 while stage 1 trains, and the reverse.
+    assert history[0]["grad_norm_stage2"] == 0.0 < history[0]["grad_norm_stage1"]
+    assert history[1]["grad_norm_stage1"] == 0.0 < history[1]["grad_norm_stage2"]
+    assert min(history[2]["grad_norm_stage1"], history[2]["grad_norm_stage2"]) > 0.0
     assert len(history) == total_epochs(config) == 3
 
 
@@ -228,5 +239,8 @@ def test_fit_no_test_leaves_the_test_split_unread(tmp_path):
     assert 0.0 <= summary["best_val_pck"] <= 1.0 and summary["best_epoch"] == 1
     assert not any(key.startswith("test_") for key in summary)
     assert len(rows) == 1 and not any(key.startswith("test_") for row in rows for key in row)
+    gradients = json.loads((out / "gradients.json").read_text())
+    assert [e["epoch"] for e in gradients["epochs"]] == [1] and gradients["layers"][0]["name"] == "stage1.0"
+    assert gradients["epochs"][0]["stage_grad_norm"] == [rows[0]["grad_norm_stage1"], rows[0]["grad_norm_stage2"]]
     built = sorted(p.name for p in caches.rglob("*.h5"))
     assert any("train" in name for name in built) and not any("test" in name for name in built), built

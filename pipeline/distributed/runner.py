@@ -329,7 +329,7 @@ def _report_to_parent_run(client: MlflowClient, experiment_id: str, parent_run_i
     runs = collect_trial_runs(client, experiment_id, parent_run_id)
     with tempfile.TemporaryDirectory(prefix="cpm-report-") as tmp:
         try:
-            report = build_report(runs, Path(tmp))
+            report = build_report(runs, Path(tmp), client)
         except ReportError as exc:
             return f"No ablation report: {exc}", False
         except Exception as exc:  # a figure or store hiccup: say so, keep the sweep's result

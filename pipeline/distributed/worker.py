@@ -64,10 +64,12 @@ def _quiet_train_reports() -> None:
 
 
 def _write_artifacts(directory: Path, result: dict, config) -> None:
-    """Best weights (a checkpoint `pipeline.evaluate` reads), the config, the learning curve and
-    the belief maps per stage, for the driver to log to MLflow."""
+    """Best weights (a checkpoint `pipeline.evaluate` reads), the config, the gradients sampled
+    every epoch (gradients.json), the learning curve and the belief maps per stage, for the driver
+    to log to MLflow."""
     from pipeline.figures import belief_maps_figure, learning_curve_figure
     from pipeline.train.checkpoint import BEST_MODEL_FILE, build_checkpoint, save_checkpoint
+    from pipeline.train.gradients import write_gradients_file
     from pipeline.train.inference import confusion_example
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -77,6 +79,7 @@ def _write_artifacts(directory: Path, result: dict, config) -> None:
                                      flip_pairs=result["val_cache"].flip_pairs),
                     directory / BEST_MODEL_FILE)
     (directory / "config.yaml").write_text(config.to_yaml())
+    write_gradients_file(model, result["gradients"], directory)
     try:  # a picture must never fail a finished run
         learning_curve_figure(result["history"], directory / "learning_curve.png")
         example = confusion_example(model, result["val_cache"])

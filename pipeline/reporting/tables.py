@@ -237,7 +237,7 @@ class Report:
     claims: str  # claims.md: the paper's claims this sweep tests, with their verdicts
 
 
-def build_report(runs: list[dict], out_dir: Path) -> Report:
+def build_report(runs: list[dict], out_dir: Path, client: MlflowClient | None = None) -> Report:
     """Every table (md, csv, tex) and figure (png) into out_dir; raises ReportError when nothing finished."""
     groups = group_by_config(runs)
     excluded = excluded_runs(runs)
@@ -264,9 +264,15 @@ def build_report(runs: list[dict], out_dir: Path) -> Report:
         to_csv(table, out_dir / f"{table.name}.csv")
         files.append(out_dir / f"{table.name}.csv")
     files += draw_figures(groups, joints, out_dir, protocol)
+    from pipeline.reporting.gradients import write_gradients_figure  # reads each run's gradients.json
+
+    drawn, gradients_line = write_gradients_figure(client, runs, out_dir)
+    files += drawn
     claims, claim_files = write_claims(comparisons(groups, protocol), groups, protocol, out_dir)
     files += claim_files
-    combined = "\n".join([*sections, claims])
+    combined = "
+".join([*sections, gradients_line + "
+", claims])
     (out_dir / "report.md").write_text(combined)
     files.append(out_dir / "report.md")
     return Report(tables, excluded, files, combined, claims)

@@ -39,6 +39,7 @@ from pipeline.train.checkpoint import (
     save_checkpoint,
 )
 from pipeline.train.context import WorkerContext
+from pipeline.train.gradients import GradientSampler
 from pipeline.train.inference import autocast, build_model, refine_context
 from pipeline.train.progress import NoProgress
 from pipeline.train.schedule import (
@@ -94,6 +95,7 @@ class TrainState:
     history: list[dict] = field(default_factory=list)  # one metrics row per completed epoch
     best_epoch: int | None = None
     best_weights: dict | None = None  # a CPU copy of the best epoch's weights
+    gradients: list[dict] = field(default_factory=list)  # per epoch: GradientSampler.epoch_summary + epoch
     objective: str = names.PCK.name  # the validation metric that picks the best epoch (pck or pckh)
 
     @property
@@ -111,6 +113,7 @@ class TrainState:
         restore_rng_state(checkpoint["rng"])
         self.epoch = int(checkpoint["epoch"])
         self.history = list(checkpoint["metrics"])
+        self.gradients = list(checkpoint.get("gradients") or [])  # checkpoints written before it have none
         self.best_epoch = checkpoint["best_epoch"]
         if self.best_epoch is not None:  # None in the file: the best epoch is the saved one
             best = checkpoint["best_model"]
@@ -129,8 +132,9 @@ class TrainState:
     def checkpoint(self, config: ExperimentConfig, joint_names, flip_pairs) -> dict:
         # The best weights are stored apart only when they are not this epoch's.
         best = self.best_weights if self.best_epoch != self.epoch else None
-        return build_checkpoint(self.model, config, self.epoch, self.optimizer, self.scheduler, self.history,
-                                self.best_epoch, best, joint_names, flip_pairs)
+        checkpoint = build_checkpoint(self.model, config, self.epoch, self.optimizer, self.scheduler, self.history,
+                                      self.best_epoch, best, joint_names, flip_pairs)
+        return {**checkpoint, "gradients": self.gradients}
 
 
 def report_with_checkpoint(ctx: WorkerContext, metrics: dict, checkpoint: dict | None) -> None:
@@ -149,10 +153,11 @@ def report_with_checkpoint(ctx: WorkerContext, metrics: dict, checkpoint: dict |
 # --- one epoch ------------------------------------------------------------------------------------
 
 def train_one_epoch(model, optimizer, scheduler, batches, config: ExperimentConfig, stage: int | None,
-                    device, progress=NoProgress()) -> dict:
+                    device, progress=NoProgress(), gradients: GradientSampler | None = None) -> dict:
     """One pass over this rank's batches; returns summed losses and counts (not yet reduced).
     `stage` None trains on every stage's loss (or the last one's without intermediate supervision);
-    stage t (stage-wise training) on stage t's alone. `progress.step(images)` follows each step."""
+    stage t (stage-wise training) on stage t's alone. `progress.step(images)` follows each step.
+    `gradients` measures the gradients at its sampled steps; its summary is returned as "gradients"."""
     t = config.train
     # Sums stay on the device in float64 (what float() summed on the host): no sync per step.
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -175,6 +180,8 @@ def train_one_epoch(model, optimizer, scheduler, batches, config: ExperimentConf
             loss = per_stage.sum() if t.intermediate_supervision else per_stage[-1]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if gradients is not None:
+            gradients.after_backward(steps + 1)
         optimizer.step()
         scheduler.step()
         loss_sum += loss.detach().double()
@@ -187,7 +194,8 @@ def train_one_epoch(model, optimizer, scheduler, batches, config: ExperimentConf
         progress.step(images.shape[0])
     progress.close()
     return {"loss_sum": float(loss_sum), "stage_loss_sum": stage_loss_sum.cpu().numpy(), "steps": steps,
-            "images": images_seen, "first_bad_step": first_bad_step, "first_bad_is_nan": first_bad_is_nan}
+            "images": images_seen, "first_bad_step": first_bad_step, "first_bad_is_nan": first_bad_is_nan,
+            "gradients": gradients.epoch_summary() if gradients is not None else {}}
 
 
 def check_finite_loss(loss_sum: float, sums: dict, ctx: WorkerContext, epoch: int) -> None:
@@ -218,14 +226,17 @@ def validate(model, cache, config: ExperimentConfig, ctx: WorkerContext, flip_pe
 
 
 def epoch_metrics(epoch: int, reduced: np.ndarray, world_size: int, counts, joint_names, protocol, lr: float,
-                  trained_stage: int | None, epoch_time_s: float) -> dict:
+                  trained_stage: int | None, epoch_time_s: float, grad_norms=()) -> dict:
     """One epoch's row. `reduced` = [loss sum, steps, images, train seconds, per-stage loss sums...]
-    summed over ranks."""
+    summed over ranks; `grad_norms` per stage, this rank's (DDP averages the gradients over ranks
+    before the sampler reads them, so every rank measures the same)."""
     loss_sum, steps, images, train_seconds = reduced[:4]
     steps = max(steps, 1)
     metrics = {names.EPOCH: epoch, names.TRAIN_LOSS: float(loss_sum / steps)}
     for s, value in enumerate(reduced[4:]):
         metrics[names.train_loss_stage_key(s + 1)] = float(value / steps)
+    for s, value in enumerate(grad_norms):
+        metrics[names.grad_norm_stage_key(s + 1)] = float(value)
     metrics.update(summarize(counts, joint_names, protocol))
     metrics["val_num_samples"] = counts.num_samples
     metrics["lr"] = lr  # the rate reached at the end of the epoch
@@ -311,7 +322,10 @@ def train_worker(config: ExperimentConfig | dict, ctx: WorkerContext, progress: 
         epoch_start = time.perf_counter()
         batches = epoch_batches(train_cache, config, ctx.rank, ctx.world_size, epoch, flip_permutation, device)
         shown = ctx.epoch_progress(epoch + 1, epochs, len(batches), t.batch_size)
-        sums = train_one_epoch(train_model, optimizer, state.scheduler, batches, config, phase.stage, device, shown)
+        sums = train_one_epoch(train_model, optimizer, state.scheduler, batches, config, phase.stage, device, shown,
+                               GradientSampler(model, len(batches), device))
+        if sums["gradients"]:
+            state.gradients.append({names.EPOCH: epoch + 1, **sums["gradients"]})
         train_seconds = time.perf_counter() - epoch_start
         reduced = ctx.all_reduce_sum(np.concatenate([[sums["loss_sum"], sums["steps"], sums["images"], train_seconds],
                                                      sums["stage_loss_sum"]]))
@@ -319,7 +333,8 @@ def train_worker(config: ExperimentConfig | dict, ctx: WorkerContext, progress: 
         counts = validate(model, val_cache, config, ctx, flip_permutation)
         metrics = state.record(epoch_metrics(epoch + 1, reduced, ctx.world_size, counts, joint_names, protocol,
                                              optimizer.param_groups[0]["lr"], phase.stage,
-                                             time.perf_counter() - epoch_start))
+                                             time.perf_counter() - epoch_start,
+                                             sums["gradients"].get("stage_grad_norm", ())))
         report_with_checkpoint(ctx, metrics, state.checkpoint(config, joint_names, flip_pairs) if ctx.is_chief else None)
 
     # Score the test split once, with the best epoch's weights.
@@ -331,4 +346,4 @@ def train_worker(config: ExperimentConfig | dict, ctx: WorkerContext, progress: 
         ctx.report({names.EPOCH: epochs, names.BEST_EPOCH: state.best_epoch, **test})
     return {"history": state.history, "best_epoch": state.best_epoch, "best_pck": state.best_pck, "protocol": protocol,
             "joint_names": list(joint_names), "init_weights": init_note, "epochs": epochs, "test": test or None,
-            "model": model, "val_cache": val_cache}
+            "model": model, "val_cache": val_cache, "gradients": state.gradients}

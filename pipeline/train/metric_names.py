@@ -72,6 +72,11 @@ def train_loss_stage_key(stage: int) -> str:
     return f"train_loss_stage{stage}"
 
 
+def grad_norm_stage_key(stage: int) -> str:
+    """'grad_norm_stage2': the L2 norm of stage 2's gradient, mean over an epoch's sampled steps."""
+    return f"grad_norm_stage{stage}"
+
+
 def test_curve_prefix(metric: str = PCK.name) -> str:
     """'test_pck_curve_a': test_pck_curve_a0.20 is the test PCK at alpha 0.20."""
     return f"{TEST_PREFIX}{metric}_curve_a"
