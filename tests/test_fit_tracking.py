@@ -11,7 +11,7 @@ from mlflow import MlflowClient
 from pipeline import fit
 from pipeline.tracking import store
 from pipeline.train import system_metrics
-from test_training import TINY
+from test_training import TINY, cache_dir  # noqa: F401 - the session's tiny caches
 
 pytestmark = pytest.mark.integration
 

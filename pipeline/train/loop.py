@@ -51,6 +51,7 @@ from pipeline.train.schedule import (
     training_phases,
 )
 from pipeline.train.scoring import curve_metrics, evaluate_batches, protocol_for, summarize
+from pipeline.train.system_metrics import SystemSampler
 
 
 class TrainingDivergedError(RuntimeError):
@@ -314,6 +315,7 @@ def train_worker(config: ExperimentConfig | dict, ctx: WorkerContext, progress: 
     model, optimizer = state.model, state.optimizer
 
     wrapped_for, train_model = "unset", model
+    hardware = SystemSampler(device)  # each epoch row: this worker's CPU, memory (and GPU) figures
     for epoch in range(state.epoch, epochs):
         phase = phase_of_epoch(phases, epoch)
         set_trainable_stage(model, phase.stage)
@@ -331,12 +333,14 @@ def train_worker(config: ExperimentConfig | dict, ctx: WorkerContext, progress: 
                                                      sums["stage_loss_sum"]]))
         check_finite_loss(float(reduced[0]), sums, ctx, epoch + 1)
         counts = validate(model, val_cache, config, ctx, flip_permutation)
-        metrics = state.record(epoch_metrics(epoch + 1, reduced, ctx.world_size, counts, joint_names, protocol,
-                                             optimizer.param_groups[0]["lr"], phase.stage,
-                                             time.perf_counter() - epoch_start,
-                                             sums["gradients"].get("stage_grad_norm", ())))
+        metrics = state.record({**epoch_metrics(epoch + 1, reduced, ctx.world_size, counts, joint_names, protocol,
+                                                optimizer.param_groups[0]["lr"], phase.stage,
+                                                time.perf_counter() - epoch_start,
+                                                sums["gradients"].get("stage_grad_norm", ())),
+                                **hardware.epoch_figures()})
         report_with_checkpoint(ctx, metrics, state.checkpoint(config, joint_names, flip_pairs) if ctx.is_chief else None)
 
+    hardware.close()
     # Score the test split once, with the best epoch's weights.
     if state.best_weights is not None:
         model.load_state_dict(state.best_weights)
