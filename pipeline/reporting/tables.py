@@ -270,9 +270,7 @@ def build_report(runs: list[dict], out_dir: Path, client: MlflowClient | None = 
     files += drawn
     claims, claim_files = write_claims(comparisons(groups, protocol), groups, protocol, out_dir)
     files += claim_files
-    combined = "
-".join([*sections, gradients_line + "
-", claims])
+    combined = "\n".join([*sections, gradients_line + "\n", claims])
     (out_dir / "report.md").write_text(combined)
     files.append(out_dir / "report.md")
     return Report(tables, excluded, files, combined, claims)
