@@ -292,6 +292,7 @@ def new_or_restored_state(config: ExperimentConfig, ctx: WorkerContext, num_part
 def train_worker(config: ExperimentConfig | dict, ctx: WorkerContext, progress: bool = True,
                  cache_paths: dict | None = None, score_test: bool = True) -> dict:
     """Train, validate every epoch, checkpoint every epoch, then score the best epoch on the test split.
+    Long because it is the training run read top to bottom, each step once, in the order it happens.
 
     cache_paths: optional {split: HDF5 cache file} to use instead of building from config.data.
     score_test: False leaves the test split unread (comparisons that choose a recipe must not see it).
@@ -340,7 +341,6 @@ def train_worker(config: ExperimentConfig | dict, ctx: WorkerContext, progress: 
                                 **hardware.epoch_figures()})
         report_with_checkpoint(ctx, metrics, state.checkpoint(config, joint_names, flip_pairs) if ctx.is_chief else None)
 
-    hardware.close()
     # Score the test split once, with the best epoch's weights.
     if state.best_weights is not None:
         model.load_state_dict(state.best_weights)

@@ -2,13 +2,12 @@
 memory, and on CUDA the GPU's peak memory and (with pynvml installed) its utilisation.
 
 Nothing here touches the training step: CPU time is read from the kernel's accounting of this
-process, and GPU utilisation is sampled by a background thread through NVML.
+process, and GPU utilisation from the samples NVML's driver keeps (read once an epoch).
 """
 
 from __future__ import annotations
 
 import resource
-import threading
 import time
 
 import torch
@@ -16,9 +15,8 @@ import torch
 CPU_PERCENT = "sys_cpu_percent"  # CPU time / wall time of the worker process, 100 = one core busy
 PEAK_RSS_MB = "sys_peak_rss_mb"  # the worker process's peak resident memory so far
 GPU_PEAK_MEMORY_MB = "sys_gpu_peak_memory_mb"  # peak memory PyTorch allocated on the GPU in the epoch
-GPU_UTIL_PERCENT = "sys_gpu_util_percent"  # mean NVML utilisation over the epoch (pynvml only)
+GPU_UTIL_PERCENT = "sys_gpu_util_percent"  # mean of NVML's utilisation samples in the epoch (pynvml only)
 GPU_MEMORY_USED_MB = "sys_gpu_memory_used_mb"  # the GPU's used memory, all processes (pynvml only)
-NVML_PERIOD_S = 1.0
 
 
 def _cpu_seconds() -> float:
@@ -32,20 +30,8 @@ class SystemSampler:
     def __init__(self, device: torch.device):
         self.device = torch.device(device)
         self._wall, self._cpu = time.monotonic(), _cpu_seconds()
-        self._gpu_samples: list[float] = []
         self._nvml = _nvml_handle(self.device) if self.device.type == "cuda" else None
-        self._stop = threading.Event()
-        if self._nvml is not None:
-            threading.Thread(target=self._sample_gpu, name="nvml-sampler", daemon=True).start()
-
-    def _sample_gpu(self) -> None:
-        import pynvml
-
-        while not self._stop.wait(NVML_PERIOD_S):
-            try:
-                self._gpu_samples.append(float(pynvml.nvmlDeviceGetUtilizationRates(self._nvml).gpu))
-            except pynvml.NVMLError:  # the driver went away: no more samples, training goes on
-                return
+        self._last_sample_us = 0  # NVML timestamp of the newest utilisation sample read
 
     def epoch_figures(self) -> dict[str, float]:
         wall, cpu = time.monotonic(), _cpu_seconds()
@@ -56,16 +42,22 @@ class SystemSampler:
             figures[GPU_PEAK_MEMORY_MB] = torch.cuda.max_memory_allocated(self.device) / 2 ** 20
             torch.cuda.reset_peak_memory_stats(self.device)
         if self._nvml is not None:
-            import pynvml
-
-            samples, self._gpu_samples = self._gpu_samples, []
-            if samples:
-                figures[GPU_UTIL_PERCENT] = sum(samples) / len(samples)
-            figures[GPU_MEMORY_USED_MB] = pynvml.nvmlDeviceGetMemoryInfo(self._nvml).used / 2 ** 20
+            figures.update(self._nvml_figures())
         return figures
 
-    def close(self) -> None:
-        self._stop.set()
+    def _nvml_figures(self) -> dict[str, float]:
+        import pynvml
+
+        figures = {GPU_MEMORY_USED_MB: pynvml.nvmlDeviceGetMemoryInfo(self._nvml).used / 2 ** 20}
+        try:  # the driver's ring buffer of utilisation samples newer than the last one read
+            _, samples = pynvml.nvmlDeviceGetSamples(self._nvml, pynvml.NVML_GPU_UTILIZATION_SAMPLES,
+                                                     self._last_sample_us)
+        except pynvml.NVMLError:  # no sample since the last read, or not supported by this GPU
+            return figures
+        if samples:
+            self._last_sample_us = max(sample.timeStamp for sample in samples)
+            figures[GPU_UTIL_PERCENT] = sum(sample.sampleValue.uiVal for sample in samples) / len(samples)
+        return figures
 
 
 def _nvml_handle(device: torch.device):
