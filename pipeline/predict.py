@@ -96,9 +96,9 @@ def make_predictor(args):
 
 def predict_to_outputs(args) -> int:
     center = parse_center(args.center)
+    predictor = make_predictor(args)  # a bad checkpoint is named before the inputs are looked at
     inputs = expand_inputs(args.inputs)
     check_arguments(args, inputs)
-    predictor = make_predictor(args)
     tally = Tally(start=time.perf_counter())
     outputs = Outputs(args.out, args.draw, args.maps, predictor.joint_names)
     with tally.progress(inputs, quiet=args.quiet):
