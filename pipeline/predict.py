@@ -29,7 +29,7 @@ import numpy as np
 from pipeline.cli import UsageError, report_input_errors
 from pipeline.predict_inputs import expand_inputs
 from pipeline.predict_outputs import Outputs, Tally
-from pipeline.predictor import DEFAULT_BATCH_SIZE, default_device, read_image  # noqa: F401 - read_image: API
+from pipeline.predictor import DEFAULT_BATCH_SIZE, default_device, read_image
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
