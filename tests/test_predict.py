@@ -135,3 +135,11 @@ def test_bad_input_is_one_line_and_exit_2(media, make, needle):
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), done.stderr
     assert needle in lines[0] and target.name in lines[0]
+
+
+def test_loading_a_checkpoint_imports_neither_ray_nor_mlflow(media):
+    code = ("import sys, cpm_model; p = cpm_model.load(sys.argv[1], device='cpu'); p.predict(sys.argv[2]); "
+            "print(sorted(m for m in ('ray', 'mlflow', 'h5py') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code, str(media["checkpoint"]), str(media["folder"] / "p0.png")],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
