@@ -75,7 +75,8 @@ def cpm_predict(checkpoint: Path, folder: Path, out: Path, batch_size: int, devi
     command = [sys.executable, "-m", "pipeline.predict", "--checkpoint", str(checkpoint), str(folder),
                "--out", str(out), "--batch-size", str(batch_size), "--device", device, "--quiet"]
     start = time.perf_counter()
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
     wall = time.perf_counter() - start
     if done.returncode != 0:
         raise SystemExit(done.stderr)

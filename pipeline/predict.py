@@ -136,8 +136,8 @@ def predict_image_files(predictor, paths: list[Path], outputs: Outputs, tally: T
                 arrays = [image for _, image in good]
                 results = predictor.predict_arrays(arrays, None if center is None else [center] * len(arrays))
                 for (i, image), result in zip(good, results):
-                    outputs.image(paths[i], names[i], image, {"image": str(paths[i]), **predictor.record(image, result)},
-                                  result)
+                    record = {"image": str(paths[i]), **predictor.record(image, result)}
+                    outputs.image(paths[i], names[i], image, record, result)
             tally.advance(len(rows), images=len(good))
 
 

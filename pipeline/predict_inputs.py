@@ -35,7 +35,8 @@ def files_of(text: str) -> list[Path]:
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if is_media(p))
         if not files:
-            raise UsageError(f"folder {path} holds no image or video files ({', '.join(IMAGE_SUFFIXES + VIDEO_SUFFIXES)})")
+            suffixes = ", ".join(IMAGE_SUFFIXES + VIDEO_SUFFIXES)
+            raise UsageError(f"folder {path} holds no image or video files ({suffixes})")
         return files
     if path.is_file():
         return [path]

@@ -211,7 +211,8 @@ def evaluation_crop(config: ExperimentConfig, image: np.ndarray,
 
 
 def predict_images(model, config: ExperimentConfig, images: Sequence[np.ndarray],
-                   centers: Sequence[np.ndarray | None] | None = None, flip_permutation=None, device=None) -> list[dict]:
+                   centers: Sequence[np.ndarray | None] | None = None, flip_permutation=None,
+                   device=None) -> list[dict]:
     """One person in each RGB image, in one forward pass over the batch: each image's evaluation
     crop (`evaluation_crop`), then re-cropped around its own prediction and predicted again when
     the config says so (`train.eval_refine`).
