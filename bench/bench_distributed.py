@@ -30,8 +30,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_sweep(tmp: Path, *extra: str, config: str = "configs/synthetic_tiny.yaml") -> float:
-    command = [sys.executable, str(REPO / "pipeline" / "sweep.py"), "--config", str(REPO / config),
+def run_sweep(tmp: Path, *extra: str, config: str = "synthetic_tiny") -> float:
+    command = [sys.executable, str(REPO / "pipeline" / "sweep.py"), "--config", config,
                "--tracking-uri", f"sqlite:///{tmp / 'mlflow.db'}", "--storage-path", str(tmp / "ray"),
                "--set", f"data.cache_dir={tmp / 'cache'}", *extra]
     env = dict(os.environ, RAY_ADDRESS="local")  # its own cluster, even beside a running one
@@ -112,7 +112,7 @@ def sweep_ratio(tmp: Path) -> dict:
 
 def default_job(tmp: Path) -> dict:
     """The default job end to end: its wall time, the sweep ratio and each trial's breakdown."""
-    wall = run_sweep(tmp, config="configs/default.yaml")
+    wall = run_sweep(tmp, config="default")
     trials = [trial_breakdown(rows) for rows in result_rows(tmp)]
     mean = {key: statistics.mean(t[key] for t in trials) for key in trials[0]}
     return {"wall_s": wall, "trials": len(trials), **sweep_ratio(tmp), "trial_mean": mean, "per_trial": trials}

@@ -1,6 +1,6 @@
 """Training levers of the LSPET CPU recipe, each a short `pipeline.fit` run from the same preset:
 
-- recipe: configs/lspet_cpu.yaml as it is, for EPOCHS epochs (the reference);
+- recipe: lspet_cpu as it is, for EPOCHS epochs (the reference);
 - lr_2e-3 / lr_5e-4: the Adam learning rate doubled / halved;
 - constant_lr: no cosine decay;
 - loss_sum: `loss_reduction: sum` (S / 2B, Caffe's) instead of the mean per valid map pixel: a loss
@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO))
 
 from cpm_model.config import load_config  # noqa: E402
 
-PRESET = REPO / "configs" / "lspet_cpu.yaml"
+PRESET = "lspet_cpu"
 
 
 def levers(epochs: int) -> dict[str, list[str]]:

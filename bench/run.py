@@ -54,7 +54,7 @@ from pipeline.train.inference import use_bf16  # noqa: E402
 # one intra-op thread: what a one-CPU Ray Train worker of the default job runs with (Ray sets
 # OMP_NUM_THREADS to the worker's CPUs). Two OpenMP threads on a loaded 2-core machine stall at
 # every barrier (measured 2-10x slower and erratic), so one thread is also the fair setting here.
-REFERENCE_PRESET = "configs/default.yaml"
+REFERENCE_PRESET = "default"
 # The paper's Fig. 2 network at its own size (the size of the H100 reference figures: 368 px, batch 32).
 PAPER_OVERRIDES = ["preprocess.input_size=368", "model.stages=6", "train.batch_size=32", "train.optimizer=sgd",
                    "train.lr=8e-5", "train.loss_reduction=sum", "data.spec=synthetic:1600"]
@@ -145,7 +145,7 @@ def part_overhead(figures, args, tmp: Path) -> None:
     overrides = [f"data.cache_dir={tmp / 'cache'}"]
     if args.cpu_smoke:
         overrides += ["data.spec=synthetic:200"]
-    config = load_config(str(REPO / REFERENCE_PRESET), overrides)
+    config = load_config(REFERENCE_PRESET, overrides)
     cache = train_cache(config, tmp / "cache")
     step_figures(figures, "default preset (3 stages, 64 px, batch 16)", config, cache, device, args,
                  compare_compile=args.compile and not args.quick)
@@ -176,7 +176,7 @@ def part_read(figures, args, tmp: Path) -> None:
     path = build_cache(spec, "train", PreprocessConfig(input_size=size), tmp / "read", progress=False,
                        max_samples=1000)
     cache, dataset = PoseCache(path), parse_data_spec(spec)
-    config = load_config(str(REPO / "configs" / "lspet_cpu.yaml"), [f"preprocess.input_size={size}"])
+    config = load_config("lspet_cpu", [f"preprocess.input_size={size}"])
     prepare = training_augmenter(config, torch.Generator().manual_seed(0), flip_permutation(len(cache.joint_names), cache.flip_pairs))
     plan = random_batches(len(cache), 4 if args.quick else 20, seed=2)
     start = time.perf_counter()
@@ -235,8 +235,8 @@ def part_memory(figures, args, tmp: Path) -> None:
         caches[label] = Path(out.strip().splitlines()[-1].split("\t")[-1])
     max_steps = 20 if args.quick else None  # the full run trains a whole epoch over every sample
     overrides = ["preprocess.input_size=128", "train.precision=auto"]
-    small = speed.peak_rss_of_worker(str(REPO / REFERENCE_PRESET), overrides, caches["1000"], max_steps)
-    large = speed.peak_rss_of_worker(str(REPO / REFERENCE_PRESET), overrides, caches["full"], max_steps)
+    small = speed.peak_rss_of_worker(REFERENCE_PRESET, overrides, caches["1000"], max_steps)
+    large = speed.peak_rss_of_worker(REFERENCE_PRESET, overrides, caches["full"], max_steps)
     report(figures, figure("worker_peak_rss", large["peak_rss_mib"], "MiB", small["peak_rss_mib"],
                            measured="peak RSS of a worker process training one epoch (default preset's network "
                                     "at 128 px, batch 16) on the full LSPET train split vs a 1,000-sample cache",

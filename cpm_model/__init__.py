@@ -1,4 +1,13 @@
-"""Convolutional Pose Machines in plain PyTorch and NumPy (no Ray, MLflow or h5py here)."""
+"""Convolutional Pose Machines in plain PyTorch and NumPy (no Ray, MLflow or h5py here).
+
+`load(path_or_model_uri)` is the Python API of a trained model (see `pipeline.predictor`):
+
+    import cpm_model
+    predictor = cpm_model.load("runs/synthetic_tiny/best.pt")    # or "models:/NAME/VERSION"
+    record = predictor.predict("photo.jpg")                       # or an RGB uint8 array
+    for joint in record["joints"]:
+        print(joint["name"], joint["x"], joint["y"], joint["confidence"])
+"""
 
 from .loss import belief_map_loss
 from .metrics import (
@@ -23,7 +32,19 @@ from .receptive_field import (
     receptive_field_table,
 )
 
+
+def load(source, device=None, batch_size=32, flip=False, tracking_uri=None):
+    """A predictor of a checkpoint file (or its directory) or an MLflow model URI; its `predict(image)`
+    and `predict_batch(images)` return cpm-predict's records. The checkpoint reader and the
+    inference code live in `pipeline` (imported here, on first use, so `import cpm_model` stays
+    light); MLflow is imported only for a model URI."""
+    from pipeline.predictor import load as load_predictor
+
+    return load_predictor(source, device=device, batch_size=batch_size, flip=flip, tracking_uri=tracking_uri)
+
+
 __all__ = [
+    "load",
     "CPM",
     "center_map",
     "load_vgg_weights",

@@ -1,6 +1,7 @@
 """The one experiment configuration: data, preprocessing, model, training, sweep and tracking.
 
-Loaded from YAML presets (configs/*.yaml), overridden from the command line with
+Loaded from YAML presets (the packaged ones in cpm_model/presets/, chosen by name, or any YAML
+file by path), overridden from the command line with
 `--set section.key=value` (the value parsed as YAML), validated by name, and flattened to
 `section.key` params for MLflow. Plain dataclasses and PyYAML only, so every layer can use it.
 """
@@ -440,16 +441,39 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+PRESETS_DIR = Path(__file__).resolve().parent / "presets"
+# What every command runs without --config (the embedded sweep: small, synthetic data, minutes on a CPU).
+DEFAULT_PRESET = "default"
+
+
+def preset_names() -> list[str]:
+    """The packaged presets, by name (cpm_model/presets/NAME.yaml)."""
+    return sorted(path.stem for path in PRESETS_DIR.glob("*.yaml"))
+
+
+def preset_path(name_or_path: str | Path) -> Path:
+    """The YAML file of a preset name ('synthetic_tiny') or of a path ('./my.yaml'): an existing
+    file wins, then a packaged preset of that name; anything else is a ConfigError that lists them."""
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path
+    text = str(name_or_path)
+    packaged = PRESETS_DIR / f"{text.removesuffix('.yaml')}.yaml"
+    if "/" not in text and "\\" not in text and packaged.is_file():
+        return packaged
+    what = "is a directory, not a YAML file" if path.is_dir() else "is neither a file nor a packaged preset"
+    raise ConfigError(f"config {text!r} {what}; packaged presets: {', '.join(preset_names())}")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, *,
                 data: str | None = None, tracking_uri: str | None = None,
                 storage_path: str | None = None) -> ExperimentConfig:
-    """A preset file (None = built-in defaults) with `section.key=value` overrides applied, then
-    the command line's --data, --tracking-uri and --storage-path as plain strings (they win)."""
+    """A preset (a packaged name or a YAML file, `preset_path`; None = the dataclass defaults)
+    with `section.key=value` overrides applied, then the command line's --data, --tracking-uri
+    and --storage-path as plain strings (they win)."""
     settings: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
+        path = preset_path(path)
         try:
             settings = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
@@ -472,7 +496,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def add_config_arguments(parser) -> None:
     """Add --config, --set and --print-config to an argparse parser."""
-    parser.add_argument("--config", default=None, help="YAML preset (configs/*.yaml); default: built-in defaults")
+    parser.add_argument("--config", default=None, metavar="PRESET",
+                        help=f"a packaged preset by name ({', '.join(preset_names())}) or a YAML file; "
+                        f"default: {DEFAULT_PRESET}")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set model.stages=3 (repeatable)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")

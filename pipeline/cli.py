@@ -7,7 +7,7 @@ from __future__ import annotations
 import sys
 from typing import Callable
 
-from cpm_model.config import ConfigError, ExperimentConfig, load_config, parse_override
+from cpm_model.config import DEFAULT_PRESET, ConfigError, ExperimentConfig, load_config, parse_override
 
 INPUT_ERROR_EXIT = 2
 
@@ -16,10 +16,11 @@ class UsageError(Exception):
     """Bad command-line input: printed as one line, exit status 2."""
 
 
-def config_from_args(args, default_preset=None) -> ExperimentConfig:
-    """The preset of --config (else `default_preset`, else the built-in defaults) with --set
-    overrides, then --data / --tracking-uri / --storage-path where the command has them."""
-    return load_config(args.config or default_preset, args.overrides, data=getattr(args, "data", None),
+def config_from_args(args) -> ExperimentConfig:
+    """The preset of --config (a packaged name or a YAML file; else the `default` preset, the same
+    for every command) with --set overrides, then --data / --tracking-uri / --storage-path where the
+    command has them."""
+    return load_config(args.config or DEFAULT_PRESET, args.overrides, data=getattr(args, "data", None),
                        tracking_uri=getattr(args, "tracking_uri", None),
                        storage_path=getattr(args, "storage_path", None))
 

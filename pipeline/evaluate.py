@@ -3,7 +3,7 @@
     python -m pipeline.evaluate --checkpoint CKPT --data SPEC [--split test|val|train|all]
         [--flip] [--scales 0.8,1.0,1.2] [--refine] [--json FILE] [--figure PNG]
     python -m pipeline.evaluate --model models:/NAME/VERSION --data SPEC     # a model a sweep logged
-    python -m pipeline.evaluate --baseline mean-pose --data SPEC [--config FILE] [--json FILE]
+    python -m pipeline.evaluate --baseline mean-pose --data SPEC [--config PRESET] [--json FILE]
     python -m pipeline.evaluate --predictions FILE --data lsp:PATH [--split test] [--json FILE]
 
 --predictions scores joints predicted anywhere (the CPM release's .mat, or .npz/.npy/.json/.csv:
@@ -64,7 +64,7 @@ def check_counts(args) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.evaluate", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="cpm-evaluate", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", help="checkpoint file (checkpoint.pt / best.pt) or its directory")
     parser.add_argument("--run-id", default=None, help="score an MLflow trial run's best checkpoint instead")

@@ -5,7 +5,8 @@ skeletons on images, the learning curve.
 the right/left wrists and elbows, where stage 1 confuses left and right), each map drawn over the
 image, so one sees a stage-1 confusion resolved by later stages.
 `skeleton_figure`: predicted (and optionally ground-truth) joints joined by limbs on the images.
-Both return the saved path; callers may log it elsewhere.
+Both return the saved path; callers may log it elsewhere. `skeleton_overlay` draws the same limbs
+into the image's own pixels with OpenCV (one call per image or video frame, no figure).
 """
 
 from __future__ import annotations
@@ -105,6 +106,27 @@ def draw_skeleton(ax, joints_xy: np.ndarray, joint_names: Sequence[str], visible
     if label_points:
         for i in np.flatnonzero(visible):
             ax.text(joints_xy[i, 0] + 2, joints_xy[i, 1], joint_names[i].replace("_", " "), fontsize=6, color="white")
+
+
+# The colours of _side_colour as RGB: right red, left blue, centre gold.
+OVERLAY_COLOURS = {"tab:red": (214, 39, 40), "tab:blue": (31, 119, 180), "gold": (255, 215, 0)}
+
+
+def skeleton_overlay(image: np.ndarray, joints_xy: np.ndarray, joint_names: Sequence[str]) -> np.ndarray:
+    """A copy of an RGB uint8 image with the limbs and joints drawn at the image's own resolution."""
+    import cv2
+
+    canvas = np.ascontiguousarray(image).copy()
+    thickness = max(1, round(max(image.shape[:2]) / 200))
+    index = {name: i for i, name in enumerate(joint_names)}
+    points = [tuple(int(round(v)) for v in xy) for xy in np.asarray(joints_xy, dtype=np.float64)]
+    for a, b in LIMBS:
+        if a in index and b in index:
+            cv2.line(canvas, points[index[a]], points[index[b]], OVERLAY_COLOURS[_side_colour(a, b)], thickness,
+                     cv2.LINE_AA)
+    for point in points:
+        cv2.circle(canvas, point, thickness + 1, (255, 255, 255), -1, cv2.LINE_AA)
+    return canvas
 
 
 def skeleton_figure(images: Sequence[np.ndarray], predictions: Sequence[np.ndarray], joint_names: Sequence[str],

@@ -1,9 +1,11 @@
 """Train one CPM in this process.
 
-    python -m pipeline.fit --config configs/synthetic_tiny.yaml --out runs/tiny
-    python -m pipeline.fit --config configs/lspet_cpu.yaml --data lspet:/data/lspet --out runs/lspet [--resume]
+    cpm-fit --config synthetic_tiny --out runs/tiny      # or: python -m pipeline.fit ...
+    cpm-fit --config lspet_cpu --data lspet:/data/lspet --out runs/lspet [--resume]
+    cpm-fit --print-config                                # the resolved `default` preset
 
-Prints one row per epoch. Writes into --out: config.yaml, metrics.jsonl (one JSON row per epoch,
+Prints one row per epoch. Writes into --out (default: runs/PRESET_NAME in the working
+directory, e.g. runs/synthetic_tiny): config.yaml, metrics.jsonl (one JSON row per epoch,
 then the test row), checkpoints/epoch_NNNN/checkpoint.pt (the two newest and the best), best.pt (the
 best epoch by validation PCK@0.2, or PCKh@0.5 for MPII), summary.json, gradients.json (gradient
 magnitudes per stage and per convolution at a few steps of every epoch), and the figures learning_curve.png,
@@ -33,6 +35,8 @@ from pipeline.train.gradients import write_gradients_file
 from pipeline.train.inference import confusion_example
 from pipeline.train.loop import TrainingDivergedError, train_worker
 
+DEFAULT_RUNS_DIR = "runs"  # --out's default parent, in the working directory
+
 
 def make_figures(model, val_cache, config, out_dir: Path, history: list[dict], count: int = 8) -> dict[str, Path]:
     """Learning curve; belief maps of one validation crop (a stage-1 left/right confusion fixed
@@ -57,11 +61,12 @@ def make_figures(model, val_cache, config, out_dir: Path, history: list[dict], c
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.fit", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="cpm-fit", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)
     parser.add_argument("--data", default=None, help="data spec (overrides data.spec), e.g. lspet:/data/lspet")
-    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--out", default=None,
+                        help=f"output directory (default: {DEFAULT_RUNS_DIR}/NAME, NAME the config's name)")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     parser.add_argument("--no-figures", action="store_true")
@@ -86,7 +91,7 @@ def fit(args) -> int:
         print(config.to_yaml())
         return 0
     check_data_spec(config)
-    out = Path(args.out)
+    out = Path(args.out) if args.out else Path(DEFAULT_RUNS_DIR) / config.name
     out.mkdir(parents=True, exist_ok=True)
     # The store is checked before an earlier run's files in `out` are cleared.
     tracker = FitTracker(config.tracking.tracking_uri, config, out, args.resume) \

@@ -24,7 +24,7 @@ from pipeline.tracking.errors import TrackingError
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.report", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="cpm-report", description=__doc__.splitlines()[0])
     parser.add_argument("--experiment", required=True, help="MLflow experiment name")
     parser.add_argument("--tracking-uri", default=None, help="default: MLFLOW_TRACKING_URI, else the local SQLite store")
     parser.add_argument("--out", default="report", help="directory for the files (default: ./report)")

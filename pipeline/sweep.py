@@ -1,10 +1,11 @@
 """Run a Ray Tune sweep of CPM trainings, one MLflow run per configuration.
 
-    ray job submit -- python pipeline/sweep.py                      # the embedded default preset
-    python pipeline/sweep.py --config configs/ablation_stages.yaml --data lspet:/data/lspet
+    ray job submit -- python pipeline/sweep.py                      # the `default` preset
+    cpm-sweep --config ablation_stages --data lspet:/data/lspet     # a packaged preset by name
+    cpm-sweep --config ./my_sweep.yaml                              # or a YAML file
     python pipeline/sweep.py --dry-run                              # list the trials and exit
     python pipeline/sweep.py --resume                               # continue the last sweep
-    python pipeline/sweep.py --config configs/lspet_cpu.yaml --single  # one configuration, one trial
+    python pipeline/sweep.py --config lspet_cpu --single             # one configuration, one trial
     python pipeline/sweep.py --register cpm-default                 # then register the best trial's model
 
 The driver resolves the config, checks the tracking store, builds each cache once, opens the
@@ -24,11 +25,9 @@ if __package__ in (None, ""):  # run as a script (`python pipeline/sweep.py`): u
 from cpm_model.config import ConfigError, ExperimentConfig, add_config_arguments, check_path_component  # noqa: E402
 from pipeline.cli import check_data_spec, config_from_args  # noqa: E402
 
-DEFAULT_PRESET = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
-
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="pipeline/sweep.py", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="cpm-sweep", description=__doc__.split("\n\n")[0])
     add_config_arguments(parser)
     parser.add_argument("--data", default=None, help="data spec, e.g. lspet:/data/lspet or synthetic:2000")
     parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI "
@@ -56,7 +55,7 @@ def resolve_config(args: argparse.Namespace) -> ExperimentConfig:
     if args.single:  # one configuration: the preset's grid, variants and search cleared
         args.overrides = [*args.overrides, "sweep.grid={}", "sweep.variants=[]", "sweep.search={}",
                           "sweep.num_samples=1"]
-    return config_from_args(args, DEFAULT_PRESET)
+    return config_from_args(args)
 
 
 def check_arguments(args: argparse.Namespace) -> None:

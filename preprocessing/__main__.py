@@ -1,15 +1,15 @@
 """Command line: build (or find) the HDF5 caches of a dataset; check cache files.
 
-    python -m preprocessing build --data lspet:/data/lspet --out /data/cache --size 368 --split all
-    python -m preprocessing verify /data/cache/lspet-val-368px-*.h5
+    cpm-preprocess build --data lspet:/data/lspet --out /data/cache --size 368 --split all
+    cpm-preprocess verify /data/cache/lspet-val-368px-*.h5
 
 build prints one line per split: "hit" or "built", the split and the cache path; a damaged cache
 is rebuilt (with a warning naming it). With --split all, an empty split (a small dataset's hash
 split can leave one empty) is named in a warning and the others are built; it is an error only
 when every split is empty. verify prints "ok" or "damaged" and the reason per file (the full
 checksum) and exits 2 if any is damaged. Bad input exits with code 2 and a one-line message.
-Values come from the config (--config FILE, --set k=v), then from the explicit flags (--data,
---size, --sigma, --workers), which win.
+Values come from the config (--config PRESET or FILE, default: the `default` preset; --set k=v),
+then from the explicit flags (--data, --size, --sigma, --workers), which win.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import argparse
 import json
 import sys
 
-from cpm_model.config import ConfigError, add_config_arguments, load_config
+from cpm_model.config import DEFAULT_PRESET, ConfigError, add_config_arguments, load_config
 
 from .build import SPLITS, build_caches_with_status
 from .cache import CacheDamagedError, check_cache
@@ -27,7 +27,7 @@ from .datasets.splits import ALL_SPLITS
 
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m preprocessing", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="cpm-preprocess", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     build = commands.add_parser("build", help="build the HDF5 cache(s) of a dataset, or find them")
     build.add_argument("--data", default=None, help="data spec, e.g. lspet:PATH, lsp:PATH+lspet:PATH, "
@@ -67,7 +67,7 @@ def _config(args):
         if value is not None:
             # JSON is YAML: a quoted path stays a string, a number stays a number.
             overrides.append(f"{key}={json.dumps(value)}")
-    return load_config(args.config, overrides)
+    return load_config(args.config or DEFAULT_PRESET, overrides)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -130,7 +130,7 @@ print("PROBE " + json.dumps({"gpu_nodes": gpu_nodes, "gpu_bundles": gpu_bundles,
 
 
 def sweep_command(tmp: Path, *extra: str) -> list[str]:
-    return [sys.executable, str(REPO / "pipeline" / "sweep.py"), "--config", str(REPO / "configs" / "synthetic_tiny.yaml"),
+    return [sys.executable, str(REPO / "pipeline" / "sweep.py"), "--config", "synthetic_tiny",
             "--tracking-uri", f"sqlite:///{tmp / 'mlflow.db'}", "--storage-path", str(tmp / "ray"),
             "--set", f"data.cache_dir={tmp / 'cache'}", "--set", "data.spec=synthetic:300",
             "--set", "train.epochs=1", "--set", "tracking.experiment=autoscaling", *extra]

@@ -17,7 +17,7 @@ import yaml
 from mlflow import MlflowClient
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = str(REPO / "configs" / "synthetic_tiny.yaml")
+TINY = "synthetic_tiny"
 
 
 def run_cli(tmp: Path, ray_tmpdir: str, *args: str) -> subprocess.CompletedProcess:

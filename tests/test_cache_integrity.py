@@ -116,7 +116,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_evaluate_and_fit_on_a_truncated_cache_exit_2_with_one_line(tmp_path):
-    common = ["--config", "configs/synthetic_tiny.yaml", "--set", f"data.spec={SPEC}",
+    common = ["--config", "synthetic_tiny", "--set", f"data.spec={SPEC}",
               "--set", f"data.cache_dir={tmp_path}", "--set", "preprocess.workers=1"]
     config = PreprocessConfig(input_size=SIZE, sigma=1.0, workers=1)
     val = build_cache(SPEC, "val", config, tmp_path, progress=False)

@@ -84,7 +84,7 @@ def test_ray_fallbacks_are_the_kept_siblings_newest_first(tmp_path):
 
 
 def _fit(out: Path, *extra: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "pipeline.fit", "--config", "configs/synthetic_tiny.yaml", "--out", str(out),
+    command = [sys.executable, "-m", "pipeline.fit", "--config", "synthetic_tiny", "--out", str(out),
                "--no-figures", "--quiet", "--device", "cpu", "--set", "data.spec=synthetic:300",
                "--set", "train.epochs=2", "--set", f"data.cache_dir={out.parent / 'cache'}", *extra]
     return subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600)
@@ -121,7 +121,7 @@ def test_a_restored_ray_train_run_skips_a_truncated_latest_checkpoint(tmp_path, 
     from ray.train.torch import TorchTrainer
 
     monkeypatch.setenv("RAY_ADDRESS", "local")
-    config = load_config(REPO / "configs" / "synthetic_tiny.yaml",
+    config = load_config("synthetic_tiny",
                          ["data.spec=synthetic:300", "train.epochs=2", f"data.cache_dir={tmp_path / 'cache'}",
                           "train.max_steps_per_epoch=4"])
     storage = tmp_path / "ray"

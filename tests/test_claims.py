@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import math
-from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
@@ -22,7 +21,6 @@ from pipeline.reporting.tables import build_report
 from pipeline.tracking.run_ops import trial_params
 from pipeline.train import metric_names as names
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
 def _run(spec, val: float, test: float | None = None, status: str = "FINISHED") -> dict:
@@ -33,7 +31,7 @@ def _run(spec, val: float, test: float | None = None, status: str = "FINISHED") 
 
 
 def _specs(preset: str, *overrides: str):
-    return expand_grid(load_config(CONFIGS / f"{preset}.yaml", list(overrides)))
+    return expand_grid(load_config(preset, list(overrides)))
 
 
 def test_a_learning_rate_grid_with_one_seed_gives_one_row_per_rate():
@@ -79,7 +77,7 @@ def test_the_report_shows_a_varying_setting_as_a_column(tmp_path):
 
 # --- claims ----------------------------------------------------------------------------------------
 
-DEFAULT_SCORES = {  # variant index of configs/default.yaml -> (val, test) per seed 0, 1
+DEFAULT_SCORES = {  # variant index of the default preset -> (val, test) per seed 0, 1
     0: ((0.10, 0.12), (0.09, 0.11)),  # T=1 k=5
     1: ((0.40, 0.50), (0.41, 0.49)),  # T=2 k=5
     2: ((0.45, 0.47), (0.44, 0.47)),  # T=3 k=5 (RF 143)
@@ -160,7 +158,7 @@ def test_intermediate_supervision_with_one_seed_is_inconclusive(tmp_path):
 
 
 def test_stagewise_schemes_are_compared_with_joint_training():
-    specs = expand_grid(load_config(CONFIGS / "ablation_training_scheme.yaml", ["data.spec=synthetic:400"]))
+    specs = expand_grid(load_config("ablation_training_scheme", ["data.spec=synthetic:400"]))
     runs = [_run(s, 0.4) for s in specs]
     found = claims_module.comparisons(group_by_config(runs), names.PCK)
     scheme = sorted((c.worse.scheme, c.worse.config["train.finetune_epochs"]) for c in found

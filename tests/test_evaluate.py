@@ -172,13 +172,16 @@ def test_predict_prints_14_joints_and_writes_a_png(trained, tmp_path, capsys):
     image = SyntheticDataset(num_samples=3).load_image(0)
     image_path = tmp_path / "person.png"
     cv2.imwrite(str(image_path), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
-    png = tmp_path / "skeleton.png"
-    assert predict.main(["--checkpoint", str(trained / "best.pt"), str(image_path), "--out", str(png)]) == 0
+    assert predict.main(["--checkpoint", str(trained / "best.pt"), str(image_path)]) == 0
     output = json.loads(capsys.readouterr().out)
     assert [j["name"] for j in output["joints"]] == list(LSP.names)
     h, w = image.shape[:2]
     assert all(-w <= j["x"] <= 2 * w and -h <= j["y"] <= 2 * h for j in output["joints"])
-    assert png.is_file() and png.stat().st_size > 1000
+    out = tmp_path / "predictions"
+    assert predict.main(["--checkpoint", str(trained / "best.pt"), str(image_path), "--out", str(out), "--draw"]) == 0
+    assert json.loads((out / "person.json").read_text()) == output
+    drawn = cv2.imread(str(out / "person.png"))
+    assert drawn.shape == image.shape and np.abs(drawn.astype(int) - image[..., ::-1]).max() > 0  # limbs drawn
     assert predict.main(["--checkpoint", str(trained / "best.pt"), str(image_path), "--center", "80,80"]) == 0
 
 

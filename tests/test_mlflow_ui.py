@@ -49,7 +49,7 @@ def mlflow_server(tmp_path):
 
 def _run_tiny_sweep(base: str, tmp: Path) -> None:
     grid = "sweep.grid={model.stages: [" + ", ".join(map(str, STAGES)) + "]}"
-    command = [sys.executable, str(REPO / "pipeline" / "sweep.py"), "--config", str(REPO / "configs" / "synthetic_tiny.yaml"),
+    command = [sys.executable, str(REPO / "pipeline" / "sweep.py"), "--config", "synthetic_tiny",
                "--tracking-uri", base, "--storage-path", str(tmp / "ray"),
                "--set", f"data.cache_dir={tmp / 'cache'}", "--set", "data.spec=synthetic:300",
                "--set", "train.epochs=2", "--set", grid, "--set", f"tracking.experiment={EXPERIMENT}"]

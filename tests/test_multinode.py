@@ -60,7 +60,7 @@ def start_nodes(env: dict, second_node_env: dict, dashboard_port: int | None = N
 
 
 def sweep_command(tmp_path: Path, *extra: str) -> list[str]:
-    return [sys.executable, str(REPO / "pipeline" / "sweep.py"), "--config", str(REPO / "configs" / "synthetic_tiny.yaml"),
+    return [sys.executable, str(REPO / "pipeline" / "sweep.py"), "--config", "synthetic_tiny",
             "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--storage-path", str(tmp_path / "ray"),
             "--set", f"data.cache_dir={tmp_path / 'cache'}", "--set", "data.spec=synthetic:300",
             "--set", "train.epochs=2", "--set", "tracking.experiment=two-nodes", *extra]

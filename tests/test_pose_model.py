@@ -44,7 +44,7 @@ def logged(tmp_path_factory):
     """A 3-stage synthetic_tiny CPM (seeded weights) logged as the pose model of a trial run."""
     tmp = tmp_path_factory.mktemp("pose-model")
     torch.manual_seed(0)
-    config = load_config(str(REPO / "configs" / "synthetic_tiny.yaml"), [])
+    config = load_config("synthetic_tiny", [])
     model = build_model(config, LSP.num_parts)
     checkpoint = tmp / "best_model.pt"
     save_checkpoint(build_checkpoint(model, config, epoch=2, best_epoch=2, joint_names=list(LSP.names),
@@ -214,7 +214,7 @@ def test_an_unknown_model_is_one_line_and_exit_2(logged):
 
 def test_a_run_finds_its_model_in_an_experiment_that_many_sweeps_share(tmp_path):
     """More models than one page of MLflow's search (100): the run's own is found, not logged twice."""
-    config = load_config(str(REPO / "configs" / "synthetic_tiny.yaml"), ["model.stages=1"])
+    config = load_config("synthetic_tiny", ["model.stages=1"])
     checkpoint = tmp_path / "best_model.pt"
     save_checkpoint(build_checkpoint(build_model(config, LSP.num_parts), config, epoch=1, best_epoch=1,
                                      joint_names=list(LSP.names), flip_pairs=LSP.flip_pairs), checkpoint)

@@ -46,7 +46,7 @@ def test_redact_uri_leaves_a_uri_without_secrets_unchanged(uri):
 
 
 def test_config_prints_and_stores_the_tracking_uri_without_its_password():
-    config = load_config(REPO / "configs" / "synthetic_tiny.yaml",
+    config = load_config("synthetic_tiny",
                          [f"tracking.tracking_uri=postgresql://u:{PASSWORD}@h/db"])
     assert config.tracking.tracking_uri == f"postgresql://u:{PASSWORD}@h/db"  # the driver connects with it
     assert config.public_dict()["tracking"]["tracking_uri"] == "postgresql://u:***@h/db"
@@ -69,7 +69,7 @@ def postgres():
 
 
 def sweep_command(tmp: Path, tracking_uri: str, experiment: str, *extra: str) -> list[str]:
-    return [sys.executable, str(REPO / "pipeline" / "sweep.py"), "--config", str(REPO / "configs" / "synthetic_tiny.yaml"),
+    return [sys.executable, str(REPO / "pipeline" / "sweep.py"), "--config", "synthetic_tiny",
             "--tracking-uri", tracking_uri, "--storage-path", str(tmp / "ray"),
             "--set", f"data.cache_dir={tmp / 'cache'}", "--set", "data.spec=synthetic:300",
             "--set", "train.epochs=1", "--set", f"tracking.experiment={experiment}",

@@ -29,7 +29,7 @@ SWEEP_ID = "retry-test"
 
 def command(tmp: Path, *extra: str, uri: str | None = None) -> list[str]:
     weights = tmp / "weights" / "init.pt"
-    return [sys.executable, str(REPO / "pipeline" / "sweep.py"), "--config", str(REPO / "configs" / "synthetic_tiny.yaml"),
+    return [sys.executable, str(REPO / "pipeline" / "sweep.py"), "--config", "synthetic_tiny",
             "--tracking-uri", uri or f"sqlite:///{tmp / 'mlflow.db'}", "--storage-path", str(tmp / "ray"),
             "--set", f"data.cache_dir={tmp / 'cache'}", "--set", "data.spec=synthetic:300",
             "--set", "train.epochs=1", "--set", "sweep.max_failures=0", "--set", "sweep.max_concurrent_trials=1",
@@ -113,7 +113,7 @@ def test_retry_failed_reruns_the_failed_trial_in_its_run(first_sweep):
     tmp, ray_dir, _ = first_sweep
     before = trial_runs(tmp)
     # Fix the cause: a weights file that fits the trial's model (synthetic figures: 14 LSP joints).
-    config = load_config(REPO / "configs" / "synthetic_tiny.yaml")
+    config = load_config("synthetic_tiny")
     (tmp / "weights").mkdir()
     torch.save(build_model(config, num_parts=14).state_dict(), tmp / "weights" / "init.pt")
 
@@ -135,7 +135,7 @@ def test_retry_failed_reruns_the_failed_trial_in_its_run(first_sweep):
 def test_new_sweep_ids_differ_within_a_second_and_a_directory_is_claimed_once(tmp_path):
     from cpm_model.config import load_config
 
-    config = load_config(REPO / "configs" / "synthetic_tiny.yaml")
+    config = load_config("synthetic_tiny")
     ids = {sweep_identity.new_sweep_id(config) for _ in range(50)}
     assert len(ids) == 50 and all(i.startswith("synthetic_tiny-") for i in ids)
     identity = sweep_identity.identity_of(config, "sqlite:///x.db")

@@ -26,7 +26,7 @@ KILLED_RUN_EPOCHS = 8
 
 
 def sweep_command(tmp: Path, *extra: str) -> list[str]:
-    return [sys.executable, str(REPO / "pipeline" / "sweep.py"), "--config", str(REPO / "configs" / "synthetic_tiny.yaml"),
+    return [sys.executable, str(REPO / "pipeline" / "sweep.py"), "--config", "synthetic_tiny",
             "--tracking-uri", f"sqlite:///{tmp / 'mlflow.db'}", "--storage-path", str(tmp / "ray"),
             "--set", f"data.cache_dir={tmp / 'cache'}", "--set", "data.spec=synthetic:300",
             "--set", f"train.epochs={EPOCHS}", "--set", "tracking.experiment=test-sweep", *extra]

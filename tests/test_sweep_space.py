@@ -1,6 +1,5 @@
 """Trial expansion, identity and run names; resource planning; config overrides."""
 
-from pathlib import Path
 
 import pytest
 
@@ -163,8 +162,7 @@ def test_variants_cross_the_grid():
 
 
 def test_lspet_cpu_ablation_preset_covers_the_three_claims():
-    preset = Path(__file__).resolve().parents[1] / "configs" / "ablation_lspet_cpu.yaml"
-    trials = expand_grid(load_config(str(preset), []))
+    trials = expand_grid(load_config("ablation_lspet_cpu", []))
     assert len(trials) == 10  # 5 configurations x 2 seeds
     field = {(t.config.model.stages, t.config.model.later_kernel, t.config.train.intermediate_supervision):
              t.receptive_field_px for t in trials}

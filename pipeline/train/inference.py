@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from cpm_model import metrics as pck_metrics
+from cpm_model.metrics import decode_predictions
 from cpm_model.augment import invert_affines, scale_about_centre_affines, warp
 from cpm_model.config import ExperimentConfig
 from cpm_model.geometry import apply_affine, crop_affine, invert_affine
@@ -128,7 +128,7 @@ def predict_crops(model: torch.nn.Module, images: torch.Tensor, to_original: np.
 def decode_all_stages(belief_maps: np.ndarray, affine: np.ndarray) -> np.ndarray:
     """Belief maps (N, T, P+1, M, M) -> part locations (N, T, P, 2) in ORIGINAL image pixels."""
     belief_maps = np.asarray(belief_maps, dtype=np.float32)
-    return np.stack([pck_metrics.decode_predictions(belief_maps[:, t], affine)
+    return np.stack([decode_predictions(belief_maps[:, t], affine)
                      for t in range(belief_maps.shape[1])], axis=1)
 
 
@@ -194,14 +194,11 @@ def dataset_kind(spec: str) -> str:
     return spec.split("+")[0].split(":")[0].strip().lower()
 
 
-def predict_image(model, config: ExperimentConfig, image: np.ndarray, center: np.ndarray | None = None,
-                  flip_permutation=None, device=None) -> dict:
-    """One person in one RGB image, cropped as evaluation crops are (no ground truth): around the
-    image centre (or `center`) with a side derived from the image size; then re-cropped around
-    its own prediction and predicted again when the config says so (`train.eval_refine`).
-
-    Returns {'joints': (P, 2) original pixels, 'confidence': (P,), 'belief_maps': (T, P+1, M, M),
-    'crop': (S, S, 3) the input of the last pass, 'affine': that crop -> original}."""
+def evaluation_crop(config: ExperimentConfig, image: np.ndarray,
+                    center: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The evaluation crop of one RGB image (no ground truth): around the image centre (or
+    `center`) with a side derived from the image size. Returns (crop (S, S, 3) uint8, the
+    crop -> original affine (2, 3))."""
     from preprocessing import crops
 
     size = config.preprocess.input_size
@@ -210,12 +207,32 @@ def predict_image(model, config: ExperimentConfig, image: np.ndarray, center: np
                                  crops.person_to_image_ratio(dataset_kind(config.data.spec)))
     centre = crops.image_center(image_hw) if center is None else center
     to_crop = crop_affine(centre, side, size)
-    crop = crops.warp_image(image, to_crop, size)
-    tensor = image_tensor(crop[None], device or next(model.parameters()).device)
-    maps, to_original, seen = predict_crops(model, tensor, invert_affine(to_crop)[None], config.train.precision,
-                                            flip_permutation, crop_context=refine_context(config))
-    maps = maps[0].cpu().numpy()
-    crop_xy, peaks = decode_belief_maps(maps[-1, :-1])
-    crop = np.rint(seen[0].permute(1, 2, 0).cpu().numpy() * 255.0).clip(0, 255).astype(np.uint8)
-    return {"joints": apply_affine(crop_xy, to_original[0]), "confidence": peaks, "belief_maps": maps,
-            "crop": crop, "affine": to_original[0]}
+    return crops.warp_image(image, to_crop, size), invert_affine(to_crop)
+
+
+def predict_images(model, config: ExperimentConfig, images: Sequence[np.ndarray],
+                   centers: Sequence[np.ndarray | None] | None = None, flip_permutation=None,
+                   device=None) -> list[dict]:
+    """One person in each RGB image, in one forward pass over the batch: each image's evaluation
+    crop (`evaluation_crop`), then re-cropped around its own prediction and predicted again when
+    the config says so (`train.eval_refine`).
+
+    Returns per image {'joints': (P, 2) original pixels, 'confidence': (P,), 'belief_maps':
+    (T, P+1, M, M), 'crop': (S, S, 3) the input of the last pass, 'affine': that crop -> original}."""
+    centers = list(centers) if centers is not None else [None] * len(images)
+    pairs = [evaluation_crop(config, image, center) for image, center in zip(images, centers)]
+    tensor = image_tensor(np.stack([crop for crop, _ in pairs]), device or next(model.parameters()).device)
+    maps, to_original, seen = predict_crops(model, tensor, np.stack([affine for _, affine in pairs]),
+                                            config.train.precision, flip_permutation,
+                                            crop_context=refine_context(config))
+    maps = maps.cpu().numpy()
+    crop_xy, peaks = decode_belief_maps(maps[:, -1, :-1])
+    seen = np.rint(seen.permute(0, 2, 3, 1).cpu().numpy() * 255.0).clip(0, 255).astype(np.uint8)
+    return [{"joints": apply_affine(crop_xy[i], to_original[i]), "confidence": peaks[i], "belief_maps": maps[i],
+             "crop": seen[i], "affine": to_original[i]} for i in range(len(pairs))]
+
+
+def predict_image(model, config: ExperimentConfig, image: np.ndarray, center: np.ndarray | None = None,
+                  flip_permutation=None, device=None) -> dict:
+    """`predict_images` of one image."""
+    return predict_images(model, config, [image], [center], flip_permutation, device)[0]
