@@ -185,7 +185,7 @@ def test_a_node_with_other_releases_stops_the_sweep_before_any_trial(tmp_path, r
 
 
 def test_job_submission_through_the_dashboard_needs_the_token(tmp_path, ray_tmpdir):
-    """The README's `ray job submit --address http://127.0.0.1:8265` (through the SSH tunnel on a
+    """docs/cluster.md's `ray job submit --address http://127.0.0.1:8265` (through the SSH tunnel on a
     cluster): with the cluster's token the job runs on the cluster; without it, it is refused."""
     env = token_env(ray_tmpdir, secrets.token_hex(32))
     dashboard = free_port()
