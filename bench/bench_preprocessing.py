@@ -1,6 +1,6 @@
 """Benchmark of the preprocessing cache (not a test).
 
-    python bench/bench_preprocessing.py --lspet ../shared/data/lspet [--sizes 368 128] [--part build layout read]
+    python bench/bench_preprocessing.py --lspet /path/to/lspet [--sizes 368 128] [--part build layout read]
 
 Parts:
   build   build the train, val and test caches of every LSPET image at each size: wall time,

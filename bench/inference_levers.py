@@ -5,7 +5,7 @@
 - two passes (re-crop around the first prediction, cpm_model.recrop);
 - two passes with the mirrored crop averaged in.
 
-    python bench/inference_levers.py --checkpoint runs/lspet_cpu/best.pt --data lspet:../shared/data/lspet \
+    python bench/inference_levers.py --checkpoint runs/lspet_cpu/best.pt --data lspet:/path/to/lspet \
         [--split val] [--json FILE]
 
 Prints PCK (the dataset's protocol, last stage) and the seconds each variant took.

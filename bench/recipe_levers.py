@@ -8,7 +8,7 @@
 - width_0.5: 64 / 16 / 256 channels instead of 48 / 12 / 192, for fewer epochs;
 - input_160: 160 px crops (20 x 20 maps), for fewer epochs.
 
-    python bench/recipe_levers.py --data lspet:../shared/data/lspet [--epochs 4] [--only recipe,lr_2e-3] [--reuse]
+    python bench/recipe_levers.py --data lspet:/path/to/lspet [--epochs 4] [--only recipe,lr_2e-3] [--reuse]
 
 Runs one after another on the same machine (compare them as ratios to `recipe`, measured in the
 same run) into runs/recipe_levers/NAME, with the test split left unread: these runs choose a
@@ -83,7 +83,7 @@ def finished_with(out: Path, config) -> bool:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", required=True, help="data spec, e.g. lspet:../shared/data/lspet")
+    parser.add_argument("--data", required=True, help="data spec, e.g. lspet:/path/to/lspet")
     parser.add_argument("--epochs", type=int, default=4, help="epochs of the reference run (default 4)")
     parser.add_argument("--only", default=None, help="comma-separated lever names")
     parser.add_argument("--out", default=str(REPO / "runs" / "recipe_levers"))
