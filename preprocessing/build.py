@@ -20,6 +20,7 @@ import logging
 import multiprocessing
 import os
 import shlex
+import sys
 import warnings
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
@@ -233,7 +234,11 @@ def _write_cache(dataset, label: str, split, indices, preprocess, final_path, st
             writer = CacheWriter(tmp_path, joint_set.num_parts, preprocess.input_size, len(indices))
             rows: list[dict] = []
             without_torso = 0
-            bar = tqdm(results, total=len(indices), disable=not progress, unit="img",
+            # A bar on a terminal; in a log (a sweep's job) one line, not a bar redrawn a thousand times.
+            on_terminal = progress and sys.stderr.isatty()
+            if progress and not on_terminal:
+                print(f"building {final_path.name}: {len(indices)} images, {workers} worker(s)", flush=True)
+            bar = tqdm(results, total=len(indices), disable=not on_terminal, unit="img",
                        desc=f"{final_path.name}", dynamic_ncols=True)
             for result in bar:
                 if result[0] == "skip":
