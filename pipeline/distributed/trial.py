@@ -49,6 +49,12 @@ def run_trial(trial_config: dict, specs: dict[str, TrialSpec], plan: ResourcePla
     if plan.use_gpu:
         resources["GPU"] = plan.gpus_per_worker
     run_name = f"{sweep_id}-{spec.key}"
+    if plan.workers_per_trial == 1:
+        # Ray Train's preemption watcher drains a worker group gracefully before its node goes away;
+        # a one-worker trial restarts from its checkpoint either way (FailureConfig), and each watcher
+        # logs a core_worker error line the user cannot act on. Train copies this variable to its
+        # controller; a value the cluster sets wins.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     artifacts_dir = os.path.join(os.path.expanduser(storage_path), run_name, "artifacts")
     trainer = TorchTrainer(
         worker_loop,
