@@ -23,13 +23,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
 
+from pipeline.reporting.runs import SUPERVISION_AXIS, config_of  # noqa: E402
+from pipeline.tracking import store  # noqa: E402
 from pipeline.train import metric_names as names  # noqa: E402
 from pipeline.train.gradients import GRADIENTS_FILE  # noqa: E402
 
 FIGURE_FILE = "gradients.png"
 MAX_EPOCH_LINES = 6
-# Params that tell the two sides of a comparison apart (supervision) or repeat a configuration (seeds).
-_NOT_CONFIG = {"intermediate_supervision", "train.intermediate_supervision", "seed", "train.seed"}
 
 
 def fetch_gradients(client: MlflowClient, run_id: str) -> dict | None:
@@ -37,11 +37,13 @@ def fetch_gradients(client: MlflowClient, run_id: str) -> dict | None:
     if GRADIENTS_FILE not in {a.path for a in client.list_artifacts(run_id)}:
         return None
     with tempfile.TemporaryDirectory(prefix="cpm-gradients-") as tmp:
-        return json.loads(Path(client.download_artifacts(run_id, GRADIENTS_FILE, tmp)).read_text())
+        with store.quiet_artifact_downloads():
+            return json.loads(Path(client.download_artifacts(run_id, GRADIENTS_FILE, tmp)).read_text())
 
 
 def _config_key(run: dict) -> tuple:
-    return tuple(sorted((k, v) for k, v in run["params"].items() if k not in _NOT_CONFIG))
+    """The run's configuration (as the tables group it) less intermediate supervision, the two sides."""
+    return tuple(sorted((k, v) for k, v in config_of(run).items() if k not in SUPERVISION_AXIS))
 
 
 def _supervised(run: dict) -> bool:

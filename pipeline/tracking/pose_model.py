@@ -184,17 +184,13 @@ def quiet_model_logging():
     Python object is pickled (PoseModel is this project's own class, loaded by this project), the
     note that the input example is validated, and the artifact download bar of that validation."""
     logger = logging.getLogger("mlflow.pyfunc")
-    level, bar = logger.level, os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    level = logger.level
     logger.setLevel(logging.ERROR)
-    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
     try:
-        yield
+        with store.quiet_artifact_downloads():
+            yield
     finally:
         logger.setLevel(level)
-        if bar is None:
-            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
-        else:
-            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = bar
 
 
 def _models_of_run(client: MlflowClient, experiment_id: str, run_id: str) -> list:

@@ -73,6 +73,20 @@ def bounded_requests(timeout_s: float = READ_TIMEOUT_S):
                 os.environ[key] = value
 
 
+@contextlib.contextmanager
+def quiet_artifact_downloads():
+    """No download bar for the small files the project fetches itself (a bar per file in a log)."""
+    saved = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
+        else:
+            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = saved
+
+
 def reading_uri(configured: str | None) -> str:
     """The tracking URI for a command that only reads, checked: a SQLite store must already exist
     (a look-up never creates one) and a server or database must answer within seconds (run the
