@@ -152,6 +152,7 @@ def test_a_row_that_holds_no_image_is_refused_by_name(logged):
             model.predict(pd.DataFrame({"image": [logged["image_path"].read_bytes(), value]}))
 
 
+@pytest.mark.integration  # a real `mlflow models serve`
 def test_registered_model_is_served_and_used_by_predict_and_evaluate(logged, expected):
     client = logged["client"]
     client.create_registered_model("cpm-test")
