@@ -39,6 +39,10 @@ from preprocessing.datasets.synthetic import SyntheticDataset
 REPO = Path(__file__).resolve().parents[1]
 
 
+# One worker runs the module under `pytest -n 2`: its tests share the logged model (a module fixture).
+pytestmark = pytest.mark.xdist_group("pose-model")
+
+
 @pytest.fixture(scope="module")
 def logged(tmp_path_factory):
     """A 3-stage synthetic_tiny CPM (seeded weights) logged as the pose model of a trial run."""

@@ -126,6 +126,9 @@ def runs_in_database(postgres, database: str, experiment: str) -> dict[str, dict
 @slow
 @pytest.mark.timeout(900)  # two sweeps on two cores
 @shared_postgres
+# Alone: beside other sweeps under load the one-worker `mlflow server` answered after MLflow's 10 s
+# read timeout, and a sweep exited or left duplicate RUNNING runs (seen twice under `pytest -n 2`).
+@pytest.mark.alone
 def test_two_sweeps_at_once_through_an_mlflow_server_on_postgres(postgres, tmp_path, ray_tmpdir):
     database_uri = postgres.create_database("sweeps", "tracker", PASSWORD)
     with mlflow_server(database_uri, tmp_path) as base:
