@@ -1,6 +1,7 @@
 # Two commands do all the set-up on a fresh clone:
 #   make sweep   install, start a local Ray cluster if none is running, submit the default sweep
 #   make test    install, run the test suite
+#   make test-fast  the unit tests only (no services, no Ray cluster), while editing
 PYTHON ?= python3
 # The CPU build of PyTorch; on a GPU machine set TORCH_SPEC to the CUDA build you want.
 TORCH_SPEC ?= torch==2.13.0
@@ -12,7 +13,7 @@ export RAY_AUTH_MODE ?= token
 SWEEP_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install services sweep test cluster-up cluster-down auth-token constraints
+.PHONY: install services sweep test test-fast cluster-up cluster-down auth-token constraints
 
 # Installs (editable) unless the stamp is newer than pyproject.toml AND the installed package is
 # this checkout (another clone's editable install would otherwise be tested instead).
@@ -59,5 +60,19 @@ services:
 	if [ -n "$$missing" ]; then apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi
 
+# Two pytest workers (pytest-xdist): most of the suite waits on services and Ray start-up, not
+# the CPU. --dist loadgroup keeps each xdist_group on one worker (tests sharing a module's server
+# or first sweep; the tests that start `ray start` heads, one at a time); tests/conftest.py orders
+# the slow tests first. The tests marked `alone` run afterwards, one at a time: beside other sweeps
+# on a loaded machine they fail on timing. PYTEST_WORKERS=0 runs everything in this one process.
+# (Exit status 5 is pytest's "nothing selected", e.g. PYTEST_ARGS naming one file.)
+PYTEST_WORKERS ?= 2
+XDIST = $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadgroup)
+
 test: install services
-	$(PYTHON) -m pytest -q --durations=20 $(PYTEST_ARGS)
+	$(PYTHON) -m pytest -q $(XDIST) -m "not alone" --durations=20 $(PYTEST_ARGS) || [ $$? -eq 5 ]
+	$(PYTHON) -m pytest -q -m alone --durations=5 $(PYTEST_ARGS) || [ $$? -eq 5 ]
+
+# The unit tests only (no services, no Ray cluster, no training subprocess): for the edit-test loop.
+test-fast: install
+	$(PYTHON) -m pytest -q $(XDIST) -m "not integration" --durations=10 $(PYTEST_ARGS)

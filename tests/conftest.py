@@ -11,6 +11,16 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 LSPET_DIR = Path(os.environ.get("CPM_LSPET_DIR", REPO_ROOT.parent / "shared" / "data" / "lspet"))
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the xdist_group marks
+def pytest_collection_modifyitems(config, items):
+    """Slow tests first, then the other integration tests, then unit tests (a stable sort): under
+    `pytest -n 2` the run ends when its last long test does, so none may be left for the end."""
+    def rank(item) -> int:
+        return 0 if item.get_closest_marker("slow") else 1 if item.get_closest_marker("integration") else 2
+
+    items.sort(key=rank)
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO_ROOT

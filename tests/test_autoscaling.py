@@ -136,6 +136,7 @@ def sweep_command(tmp: Path, *extra: str) -> list[str]:
             "--set", "train.epochs=1", "--set", "tracking.experiment=autoscaling", *extra]
 
 
+@pytest.mark.xdist_group("ray-start")  # a `ray start` head: see tests/test_multinode.py
 def test_gpu_trials_make_the_autoscaler_launch_gpu_nodes(tmp_path, autoscaling_cluster):
     address, env = autoscaling_cluster
     log = tmp_path / "sweep.log"

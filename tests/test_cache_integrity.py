@@ -173,6 +173,7 @@ def local_ray(ray_tmpdir, monkeypatch):
         ray.shutdown()
 
 
+@pytest.mark.integration  # a local Ray cluster
 def test_node_copies_are_checked_fully_and_replaced_when_they_differ(local_ray, tmp_path, monkeypatch):
     from pipeline.distributed import cache_sync
 

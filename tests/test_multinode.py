@@ -21,7 +21,10 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+# Under `pytest -n 2` the tests that start clusters with `ray start` run one at a time, on one
+# worker: a head takes some fixed default ports (the Ray client server's 10001) that a second one
+# started at the same moment would find taken.
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.xdist_group("ray-start")]
 
 REPO = Path(__file__).resolve().parents[1]
 

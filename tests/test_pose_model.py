@@ -39,6 +39,10 @@ from preprocessing.datasets.synthetic import SyntheticDataset
 REPO = Path(__file__).resolve().parents[1]
 
 
+# One worker runs the module under `pytest -n 2`: its tests share the logged model (a module fixture).
+pytestmark = pytest.mark.xdist_group("pose-model")
+
+
 @pytest.fixture(scope="module")
 def logged(tmp_path_factory):
     """A 3-stage synthetic_tiny CPM (seeded weights) logged as the pose model of a trial run."""
@@ -152,6 +156,7 @@ def test_a_row_that_holds_no_image_is_refused_by_name(logged):
             model.predict(pd.DataFrame({"image": [logged["image_path"].read_bytes(), value]}))
 
 
+@pytest.mark.integration  # a real `mlflow models serve`
 def test_registered_model_is_served_and_used_by_predict_and_evaluate(logged, expected):
     client = logged["client"]
     client.create_registered_model("cpm-test")

@@ -24,6 +24,7 @@ PASSWORD = "pw-6f1d2c9a8b"  # distinctive, so a search of every stored byte for 
 TOKEN = "tok-3e7a90c41d"
 integration = pytest.mark.integration
 slow = pytest.mark.slow
+shared_postgres = pytest.mark.xdist_group("postgres")
 
 
 @pytest.mark.parametrize("uri, expected", [
@@ -62,6 +63,8 @@ def test_error_text_is_scrubbed_of_the_uri_secrets():
 
 # --- a real server -------------------------------------------------------------------------------
 
+# The tests that use this server run on one worker under `pytest -n 2` (xdist_group "postgres"),
+# so one PostgreSQL server serves them all, each test in its own database.
 @pytest.fixture(scope="module")
 def postgres():
     with postgres_server() as server:
@@ -122,6 +125,10 @@ def runs_in_database(postgres, database: str, experiment: str) -> dict[str, dict
 @integration
 @slow
 @pytest.mark.timeout(900)  # two sweeps on two cores
+@shared_postgres
+# Alone: beside other sweeps under load the one-worker `mlflow server` answered after MLflow's 10 s
+# read timeout, and a sweep exited or left duplicate RUNNING runs (seen twice under `pytest -n 2`).
+@pytest.mark.alone
 def test_two_sweeps_at_once_through_an_mlflow_server_on_postgres(postgres, tmp_path, ray_tmpdir):
     database_uri = postgres.create_database("sweeps", "tracker", PASSWORD)
     with mlflow_server(database_uri, tmp_path) as base:
@@ -158,6 +165,7 @@ def test_two_sweeps_at_once_through_an_mlflow_server_on_postgres(postgres, tmp_p
 
 @integration
 @slow
+@shared_postgres
 def test_sweep_straight_into_postgres_stores_and_prints_no_password(postgres, tmp_path, ray_tmpdir):
     uri = postgres.create_database("direct", "direct_user", PASSWORD)
     out, err = finish(start_sweep(tmp_path, ray_tmpdir, uri, "pg-direct"))
@@ -214,6 +222,7 @@ def assert_no_runs(postgres, database: str) -> None:
 
 
 @integration
+@shared_postgres
 def test_wrong_password_or_database_is_reported_before_any_trial(postgres, tmp_path):
     uri = postgres.create_database("guarded", "guarded_user", "right-password")
     MlflowClient(uri).search_experiments()  # MLflow's tables exist: a half-made run would show

@@ -21,7 +21,8 @@ from mlflow import MlflowClient
 
 from pipeline.distributed import identity as sweep_identity
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+# One worker runs the module under `pytest -n 2`, so the shared first sweep runs once.
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.xdist_group("resume-identity")]
 
 REPO = Path(__file__).resolve().parents[1]
 SWEEP_ID = "retry-test"
