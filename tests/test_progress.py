@@ -87,3 +87,23 @@ def test_startup_metrics_time_each_moment_from_the_one_before():
     # Without /proc (no process start time) the total counts from the trainable's start.
     del moments["trial_process"]
     assert startup_metrics(moments)["startup_s"] == 9.5 and "startup_trial_s" not in startup_metrics(moments)
+
+
+def test_in_a_log_each_trial_gets_a_line_when_it_starts_and_ends(capsys):
+    config = load_config(None, ["sweep.grid={model.stages: [1, 3]}", "train.epochs=4"])
+    specs = {spec.key: spec.public() for spec in expand_grid(config)}
+    names = [spec.run_name for spec in specs.values()]
+    trials = [SimpleNamespace(trial_id=f"t_{i:05d}", config={"trial": spec.as_dict()}, status="PENDING",
+                              metric_analysis={}) for i, spec in enumerate(specs.values())]
+    progress = SweepProgress(specs, on_terminal=False)
+    progress.on_step_end(0, trials)
+    assert capsys.readouterr().out == ""  # pending trials wait
+    trials[0].status = "RUNNING"
+    progress.on_step_end(1, trials)
+    progress.on_step_end(2, trials)  # nothing changed: nothing printed
+    trials[0].status, trials[0].metric_analysis = "TERMINATED", {"epoch": {"max": 4}, "pck": {"last": 0.4, "max": 0.45}}
+    trials[1].status = "ERROR"
+    progress.on_step_end(3, trials)
+    lines = [line.split(" ", 1)[1] for line in capsys.readouterr().out.splitlines()]  # less the time
+    assert lines == [f"#0 {names[0]}: running", f"#0 {names[0]}: terminated after 4 epoch(s), best val 45.0",
+                     f"#1 {names[1]}: error after - epoch(s), best val -"]

@@ -1,5 +1,8 @@
 """The sweep's progress table in the driver's output: one row per trial with its configuration in
-short columns and its epoch, validation PCK and best PCK, finished trials included.
+short columns and its epoch, validation PCK and best PCK, finished trials included. On a terminal
+the table is printed every 30 s while anything changed; in a log (a `ray job submit` job's output)
+a line a trial each time it starts or ends, and the table once at the end, so that the job's whole
+output stays short.
 
 Tune's own table shows the grid point as one truncated dict and reads its metric cells from each
 trial's last row (for a finished trial, the artifacts row, which carries no metric). This one reads
@@ -9,6 +12,7 @@ the configuration from the trial specs and the metrics from every row Tune has s
 from __future__ import annotations
 
 import math
+import sys
 import time
 
 from ray import tune
@@ -50,11 +54,13 @@ class SweepProgress(tune.Callback):
     """A Tune callback that prints the table every `every_s` seconds while anything changed, and
     once at the end (Tune's own table is turned off: RunConfig(verbose=0))."""
 
-    def __init__(self, specs: dict[str, TrialSpec], every_s: float = 30.0):
+    def __init__(self, specs: dict[str, TrialSpec], every_s: float = 30.0, on_terminal: bool | None = None):
         self.specs = specs
         self.every_s = every_s
+        self.on_terminal = sys.stdout.isatty() if on_terminal is None else on_terminal
         self._last_time = -math.inf
         self._last_table = None
+        self._shown_status: dict[str, str] = {}  # trial id -> the status its last line said (in a log)
 
     def __getstate__(self) -> dict:  # pickled with the sweep (tuner.pkl): settings only
         return {"specs": self.specs, "every_s": self.every_s}
@@ -63,8 +69,21 @@ class SweepProgress(tune.Callback):
         self.__init__(**state)
 
     def on_step_end(self, iteration, trials, **info) -> None:
-        if time.monotonic() - self._last_time >= self.every_s:
+        if not self.on_terminal:
+            self.report_changes(trials)
+        elif time.monotonic() - self._last_time >= self.every_s:
             self.report(trials)
+
+    def report_changes(self, trials) -> None:
+        """One line for each trial whose status changed since its last line (pending ones wait)."""
+        for i, t in enumerate(sorted(trials, key=lambda t: t.trial_id)):
+            if t.status == "PENDING" or self._shown_status.get(t.trial_id) == t.status:
+                continue
+            self._shown_status[t.trial_id] = t.status
+            spec = trial_of(self.specs, t.config)
+            epoch, _, best = _progress_of(t, protocol_for(spec.config).name)
+            ended = "" if t.status == "RUNNING" else f" after {epoch} epoch(s), best val {best}"
+            print(f"{time.strftime('%H:%M:%S')} #{i} {spec.run_name}: {t.status.lower()}{ended}", flush=True)
 
     def on_experiment_end(self, trials, **info) -> None:
         self.report(trials, done=True)
