@@ -163,11 +163,16 @@ def test_variants_cross_the_grid():
 
 def test_lspet_cpu_ablation_preset_covers_the_three_claims():
     trials = expand_grid(load_config("ablation_lspet_cpu", []))
-    assert len(trials) == 10  # 5 configurations x 2 seeds
-    field = {(t.config.model.stages, t.config.model.later_kernel, t.config.train.intermediate_supervision):
-             t.receptive_field_px for t in trials}
+    assert len(trials) == 12  # 6 configurations x 2 seeds
+    field = {(t.config.model.stages, t.config.model.later_kernel, t.config.model.batch_norm,
+              t.config.train.intermediate_supervision): t.receptive_field_px for t in trials}
     # Stage 1 sees 45 px (three 3x3 convolutions and pools); a 7x7 later stage adds 3 x 6 x 8 px.
-    assert field == {(1, 7, True): 45, (2, 7, True): 189, (3, 7, True): 333, (3, 7, False): 333, (3, 1, True): 45}
+    assert field == {(1, 7, True, True): 45, (2, 7, True, True): 189, (3, 7, True, True): 333,
+                     (2, 1, True, True): 45, (4, 7, False, True): 477, (4, 7, False, False): 477}
+    # Intermediate supervision is compared on the paper's kind of network: deep, no BatchNorm.
+    supervision = [t for t in trials if not t.config.model.batch_norm]
+    assert {t.config.train.intermediate_supervision for t in supervision} == {True, False}
+    assert {t.config.model.stages for t in supervision} == {4}
     # The design's 0.3-0.5 of the person for stage 1: 45 px of a 128 / 1.3 = 98.5 px person.
     stage1 = next(t for t in trials if t.config.model.stages == 1)
     assert 0.3 <= stage1.relative_receptive_field <= 0.5
