@@ -15,6 +15,7 @@ from cpm_model.joints import LSP, torso_size
 from cpm_model.lsp_benchmark import BENCHMARK_ALPHA, PAPER_GROUPS, score_benchmark
 from cpm_model.metrics import pck
 from pipeline.cli import UsageError
+from pipeline.formatting import percent
 from pipeline.prediction_files import read_predictions
 
 
@@ -87,19 +88,15 @@ def format_benchmark(report: dict) -> str:
              f"{report['num_samples']} images, {report['missing']} predicted joints missing (counted wrong)",
              f"{'joint':<16}{'benchmark':>10}" + (f"{'standard':>10}" if differs else "")]
     for name in report["joint_names"]:
-        row = f"{name:<16}{_pct(report['pck_per_joint'][name]):>10}"
-        lines.append(row + (f"{_pct(report['standard_pck_per_joint'][name]):>10}" if differs else ""))
-    groups = "  ".join(f"{group} {_pct(report['pck_per_group'][group])}" for group, _ in PAPER_GROUPS)
+        row = f"{name:<16}{percent(report['pck_per_joint'][name], 2):>10}"
+        lines.append(row + (f"{percent(report['standard_pck_per_joint'][name], 2):>10}" if differs else ""))
+    groups = "  ".join(f"{group} {percent(report['pck_per_group'][group], 2)}" for group, _ in PAPER_GROUPS)
     lines.append(f"paper's columns: {groups}")
-    lines.append(f"total {_pct(report['pck'])}")
+    lines.append(f"total {percent(report['pck'], 2)}")
     if differs:
-        lines.append(f"standard PCK@{report['alpha']} {_pct(report['standard_pck'])} (torso fallback; "
+        lines.append(f"standard PCK@{report['alpha']} {percent(report['standard_pck'], 2)} (torso fallback; "
                      f"{report['standard_num_without_norm']} images without a torso left out)")
     return "\n".join(lines)
-
-
-def _pct(value) -> str:
-    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.2f}"
 
 
 def check_alone(args) -> None:

@@ -29,7 +29,8 @@ import torch
 from cpm_model.config import add_config_arguments
 from pipeline.cli import check_data_spec, config_from_args, report_input_errors
 from pipeline.tracking.fit_tracker import FitTracker
-from pipeline.train.checkpoint import CHECKPOINT_FILE, copy_durably
+from cpm_model.durable import copy_durably
+from pipeline.train.checkpoint import CHECKPOINT_FILE
 from pipeline.train.context import LocalContext
 from pipeline.train.gradients import write_gradients_file
 from pipeline.train.inference import confusion_example

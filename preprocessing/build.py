@@ -35,11 +35,12 @@ from tqdm import tqdm
 from cpm_model.config import PreprocessConfig
 from cpm_model.geometry import STRIDE, invert_affine
 from cpm_model.heatmaps import render_belief_maps
+from cpm_model.durable import stale_temp_files, temp_path_for
 from cpm_model.joints import torso_size
 
 from . import crops
 from .cache import (LAYOUT, CacheDamagedError, CacheWriter, cache_file_name, cache_key, check_cache,
-                    full_check_is_cheap, stale_temp_files, temp_path_for)
+                    full_check_is_cheap)
 from .datasets.base import DatasetError, PoseDataset, SampleSkipped
 from .datasets.splits import SPLITS
 

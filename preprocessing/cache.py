@@ -67,7 +67,6 @@ FULL_CHECK_MAX_BYTES = 32 * 2**20
 
 def full_check_is_cheap(path: str | os.PathLike) -> bool:
     return os.path.getsize(path) <= FULL_CHECK_MAX_BYTES
-TMP_MARKER = ".tmp-"  # temp files: ".<name>.tmp-<pid>-<random>", never ending in ".h5"
 
 # name -> (dtype, per-sample shape as a function of (num_parts, input_size), compression)
 LAYOUT = {
@@ -109,15 +108,6 @@ def dataset_type(identity: dict) -> str:
 
 def cache_file_name(identity: dict, split: str, input_size: int, key: str) -> str:
     return f"{dataset_type(identity)}-{split}-{input_size}px-{key}.h5"
-
-
-def temp_path_for(final_path: Path) -> Path:
-    """A unique temp name in the same directory (same filesystem, so os.replace is atomic)."""
-    return final_path.with_name(f".{final_path.name}{TMP_MARKER}{os.getpid()}-{os.urandom(4).hex()}")
-
-
-def stale_temp_files(final_path: Path) -> list[Path]:
-    return sorted(final_path.parent.glob(f".{final_path.name}{TMP_MARKER}*"))
 
 
 # --- writing -------------------------------------------------------------------------------------

@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from cpm_model.config import load_config
+from cpm_model.durable import copy_durably
 from cpm_model.model import CPM
 from pipeline.train.checkpoint import (CheckpointError, CheckpointFallbackWarning, CorruptCheckpointError,
-                                 build_checkpoint, copy_durably, load_newest_usable, read_checkpoint,
-                                 save_checkpoint)
+                                 build_checkpoint, load_newest_usable, read_checkpoint, save_checkpoint)
 from pipeline.distributed.ray_context import older_sibling_checkpoints
 
 REPO = Path(__file__).resolve().parents[1]

@@ -18,6 +18,7 @@ import time
 from ray import tune
 
 from cpm_model.receptive_field import later_layout
+from pipeline.formatting import percent
 from pipeline.distributed.space import TrialSpec, trial_of
 from pipeline.train import metric_names as names
 from pipeline.train.scoring import protocol_for
@@ -25,16 +26,12 @@ from pipeline.train.scoring import protocol_for
 COLUMNS = ("#", "stages", "RF px", "kernel", "IS", "seed", "status", "epoch", "pck", "best pck")
 
 
-def _pct(value) -> str:
-    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f}"
-
-
 def _progress_of(trial, metric: str) -> tuple[str, str, str]:
     """(epochs done, last validation PCK (or PCKh), best of it) from every row Tune has seen."""
     analysis = getattr(trial, "metric_analysis", {}) or {}
     epoch = analysis.get(names.EPOCH, {}).get("max")
     pck = analysis.get(metric, {})
-    return (str(int(epoch)) if epoch is not None else "-", _pct(pck.get("last")), _pct(pck.get("max")))
+    return (str(int(epoch)) if epoch is not None else "-", percent(pck.get("last")), percent(pck.get("max")))
 
 
 def trial_row(index: int, spec: TrialSpec, status: str, progress: tuple[str, str, str]) -> list[str]:

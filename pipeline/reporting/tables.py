@@ -4,12 +4,12 @@ writes every table and figure into a directory (pipeline/report.py is its comman
 from __future__ import annotations
 
 import csv
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlflow import MlflowClient
 
+from pipeline.formatting import percent
 from pipeline.reporting.claims import comparisons, write_claims
 from pipeline.reporting.runs import (
     SCHEME_LABELS,
@@ -59,10 +59,6 @@ class Table:
     notes: list[str] = field(default_factory=list)
 
 
-def _pct(value: float) -> str:
-    return "-" if value is None or math.isnan(value) else f"{100 * value:.1f}"
-
-
 def _cell(value, latex: bool = False) -> str:
     if isinstance(value, Quoted):
         return f"{100 * value.mean:.2f}"
@@ -70,9 +66,9 @@ def _cell(value, latex: bool = False) -> str:
         if value.n == 0:
             return "-"
         pm = r" $\pm$ " if latex else " ± "
-        return _pct(value.mean) + (f"{pm}{_pct(value.std)}" if value.n > 1 else "")
+        return percent(value.mean) + (f"{pm}{percent(value.std)}" if value.n > 1 else "")
     if isinstance(value, float):
-        return _pct(value)
+        return percent(value)
     text = str(value)
     return text.replace("_", r"\_").replace("%", r"\%").replace("&", r"\&") if latex else text
 
@@ -223,7 +219,7 @@ def runs_overview(runs: list[dict]) -> str:
     for r in runs:
         best = next((r["metrics"][k] for k in ("best_pck", "best_pckh", "pck", "pckh") if k in r["metrics"]), None)
         lines.append(f"| {r['name']} | {r['status']} | {r['params'].get('stages', '?')} | "
-                     f"{r['params'].get('receptive_field_px', '?')} | {_pct(best) if best is not None else '-'} | "
+                     f"{r['params'].get('receptive_field_px', '?')} | {percent(best) if best is not None else '-'} | "
                      f"{excluded.get(r['run_id'], '')} |")
     return "\n".join(lines)
 

@@ -30,7 +30,6 @@ import logging
 import os
 import pickle
 import random
-import shutil
 import warnings
 import zipfile
 import zlib
@@ -40,6 +39,7 @@ import numpy as np
 import torch
 
 from cpm_model.config import ConfigError, ExperimentConfig, from_dict
+from cpm_model.durable import replace_durably, temp_path_for
 
 FORMAT_VERSION = 1
 CHECKPOINT_FILE = "checkpoint.pt"  # the file in every checkpoint directory (epoch_NNNN/, Ray's checkpoint_*/)
@@ -127,56 +127,6 @@ def _plain_metrics(metrics: dict) -> dict:
     return out
 
 
-# --- durable files ------------------------------------------------------------------------------
-
-def _temp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
-
-
-def fsync_path(path: str | os.PathLike) -> None:
-    """Flush a file's (or a directory's entries') data to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def replace_durably(tmp: Path, path: Path) -> None:
-    """Rename a written temp file or directory onto `path`, with the data on disk before and the
-    rename after. A directory cannot be renamed over a non-empty one: the old one is moved aside
-    first and removed after (a crash in between leaves it under a dotted temp name, never half)."""
-    for item in ([tmp] if tmp.is_file() else [*(p for p in tmp.rglob("*") if p.is_file()), tmp]):
-        fsync_path(item)
-    aside = None
-    if tmp.is_dir() and path.exists():
-        aside = _temp_name(path)
-        os.replace(path, aside)
-    os.replace(tmp, path)
-    fsync_path(path.parent)
-    if aside is not None:
-        shutil.rmtree(aside, ignore_errors=True)
-
-
-def copy_durably(source: str | os.PathLike, target: str | os.PathLike) -> Path:
-    """Copy a file or a directory onto `target` through a temp name (see replace_durably)."""
-    source, target = Path(source), Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_name(target)
-    try:
-        if source.is_dir():
-            shutil.copytree(source, tmp)
-        else:
-            shutil.copyfile(source, tmp)
-        replace_durably(tmp, target)
-    finally:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            tmp.unlink(missing_ok=True)
-    return target
-
-
 # --- saving and reading ------------------------------------------------------------------------
 
 def tensor_crc32(value, crc: int = 0) -> int:
@@ -200,7 +150,7 @@ def save_checkpoint(checkpoint: dict, path: str | os.PathLike) -> Path:
     a checkpoint under `path`. Adds the tensors' CRC-32, which read_checkpoint checks."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_name(path)
+    tmp = temp_path_for(path)
     try:
         torch.save({**checkpoint, CRC_KEY: tensor_crc32(checkpoint)}, tmp)
         replace_durably(tmp, path)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from cpm_model.metrics import PCKCounts
+from pipeline.formatting import percent
 from pipeline.train import metric_names as names
 from pipeline.train.inference import dataset_kind, decode_all_stages, predict_crops
 
@@ -79,17 +80,14 @@ def format_table(report: dict) -> str:
     lines = [f"{protocol.label}, {report['num_samples']} samples ({report['num_without_norm']} without {without}, "
              f"not scored)", header]
     for j, name in enumerate(report["joint_names"]):
-        cells = "".join(f"{_pct(report[f'{m}_per_joint_per_stage'][t][j]):>9}" for t in range(stages))
+        cells = "".join(f"{percent(report[f'{m}_per_joint_per_stage'][t][j]):>9}" for t in range(stages))
         lines.append(f"{name:<16}{cells}")
-    lines.append(f"{'mean':<16}" + "".join(f"{_pct(v):>9}" for v in report[f"{m}_per_stage"]))
+    lines.append(f"{'mean':<16}" + "".join(f"{percent(v):>9}" for v in report[f"{m}_per_stage"]))
     label = protocol.label.split(" ")[0]
-    lines.append(f"{label.split('@')[0]}@{strict} {_pct(report[f'{m}@{strict}'])}   AUC(0-0.5) {_pct(report['auc'])}   "
-                 f"{label} {_pct(report[m])} (last stage)")
+    lines.append(f"{label.split('@')[0]}@{strict} {percent(report[f'{m}@{strict}'])}   AUC(0-0.5) {percent(report['auc'])}   "
+                 f"{label} {percent(report[m])} (last stage)")
     return "\n".join(lines)
 
-
-def _pct(value) -> str:
-    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f}"
 
 def curve_metrics(counts: PCKCounts, protocol: names.Protocol = names.PCK) -> dict:
     """A coarse PCK curve of the last stage as metrics, so a report can draw it from MLflow alone."""
