@@ -99,6 +99,20 @@ def _layers_of(modules: Sequence[nn.Module]) -> tuple[Layer, ...]:
     return tuple(spec)
 
 
+def _check_arguments(num_parts: int, stages: int, backbone: str, width: float, stage1_kernel: int,
+                     input_size: int, init: str) -> None:
+    if backbone not in BACKBONES:
+        raise ValueError(f"backbone must be one of {list(BACKBONES)}, got {backbone!r}")
+    if stages < 1 or num_parts < 1 or width <= 0:
+        raise ValueError(f"need stages >= 1, num_parts >= 1, width > 0; got {stages}, {num_parts}, {width}")
+    if stage1_kernel < 1 or stage1_kernel % 2 == 0:
+        raise ValueError(f"stage1_kernel must be an odd integer >= 1, got {stage1_kernel}")
+    if input_size % STRIDE:
+        raise ValueError(f"input_size must be a multiple of {STRIDE}, got {input_size}")
+    if init not in ("kaiming", "normal"):
+        raise ValueError(f"init must be 'kaiming' or 'normal', got {init!r}")
+
+
 class LaterStage(nn.Module):
     """A stage t >= 2: image features (through its own `image_conv`, if any) + previous beliefs +
     centre map -> beliefs. `image_conv` is the paper backbone's per-stage convk'-32 (None for vgg)."""
@@ -129,61 +143,14 @@ class CPM(nn.Module):
                  batch_norm: bool = False, input_size: int = 368, center_sigma: float = 21.0,
                  init: str = "kaiming"):
         super().__init__()
-        if backbone not in BACKBONES:
-            raise ValueError(f"backbone must be one of {list(BACKBONES)}, got {backbone!r}")
-        if stages < 1 or num_parts < 1 or width <= 0:
-            raise ValueError(f"need stages >= 1, num_parts >= 1, width > 0; got {stages}, {num_parts}, {width}")
-        if stage1_kernel < 1 or stage1_kernel % 2 == 0:
-            raise ValueError(f"stage1_kernel must be an odd integer >= 1, got {stage1_kernel}")
-        if input_size % STRIDE:
-            raise ValueError(f"input_size must be a multiple of {STRIDE}, got {input_size}")
-        if init not in ("kaiming", "normal"):
-            raise ValueError(f"init must be 'kaiming' or 'normal', got {init!r}")
+        _check_arguments(num_parts, stages, backbone, width, stage1_kernel, input_size, init)
         self.num_parts, self.stages, self.backbone, self.width = num_parts, stages, backbone, width
         self.stage1_kernel = stage1_kernel
         self.later_kernel, self.later_convs = later_layout(backbone, later_kernel, later_convs)
         self.batch_norm, self.input_size, self.center_sigma = batch_norm, input_size, center_sigma
         num_maps = num_parts + 1
-        c = lambda n: scaled_channels(n, width)  # noqa: E731
-
-        if backbone == "paper":
-            k, k_narrow = stage1_kernel, narrow_trunk_kernel(stage1_kernel)
-
-            def image_trunk() -> list[nn.Module]:
-                return [*_conv(3, c(128), k, batch_norm), _pool(),
-                        *_conv(c(128), c(128), k, batch_norm), _pool(),
-                        *_conv(c(128), c(128), k, batch_norm), _pool()]
-
-            def narrow_conv() -> list[nn.Module]:
-                return _conv(c(128), c(32), k_narrow, batch_norm)
-
-            self.stage1 = nn.Sequential(*image_trunk(), *narrow_conv(),
-                                        *_conv(c(32), c(512), k, batch_norm),
-                                        *_conv(c(512), c(512), 1, batch_norm),
-                                        *_conv(c(512), num_maps, 1, batch_norm, relu=False))
-            # x': stage 1's layers up to its third pool, own weights, shared by all stages >= 2
-            # (the released model's conv1..pool3_stage2); each stage >= 2 has its own convk'-32 on it.
-            self.trunk = nn.Sequential(*image_trunk()) if stages >= 2 else None
-            image_conv = lambda: nn.Sequential(*narrow_conv())  # noqa: E731
-            feature_ch = c(32)
-        else:
-            layers: list[nn.Module] = []
-            self.vgg_layer_names: dict[int, str] = {}  # torchvision features index -> our module name
-            in_ch = 3
-            for index, out in zip(VGG19_CONV_INDICES, VGG19_CONV_CHANNELS):
-                self.vgg_layer_names[index] = f"features.{len(layers)}"
-                layers += _conv(in_ch, c(out), 3, batch_norm=False)
-                in_ch = c(out)
-                if index in VGG19_POOL_AFTER:
-                    layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
-            for out in (256, 256, 256, 256, 128):  # conv4_3_CPM .. conv4_7_CPM
-                layers += _conv(in_ch, c(out), 3, batch_norm)
-                in_ch = c(out)
-            self.features = nn.Sequential(*layers)
-            self.stage1 = nn.Sequential(*_conv(c(128), c(512), 1, batch_norm),
-                                        *_conv(c(512), num_maps, 1, batch_norm, relu=False))
-            feature_ch = c(128)
-            image_conv = lambda: None  # noqa: E731 - stages read the shared features as they are
+        build = self._build_paper_front if backbone == "paper" else self._build_vgg_front
+        feature_ch, image_conv = build(num_maps)
         self.later_stages = nn.ModuleList(
             LaterStage(feature_ch + num_maps + 1, num_maps, self.later_kernel, self.later_convs, width, batch_norm,
                        image_conv())
@@ -193,6 +160,51 @@ class CPM(nn.Module):
         self.register_buffer("input_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("input_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self._init_weights(init)
+
+    def _channels(self, n: int) -> int:
+        return scaled_channels(n, self.width)
+
+    def _build_paper_front(self, num_maps: int):
+        """stage1 and the shared trunk x'; returns (channels a later stage reads, its image conv)."""
+        c, batch_norm = self._channels, self.batch_norm
+        k, k_narrow = self.stage1_kernel, narrow_trunk_kernel(self.stage1_kernel)
+
+        def image_trunk() -> list[nn.Module]:
+            return [*_conv(3, c(128), k, batch_norm), _pool(),
+                    *_conv(c(128), c(128), k, batch_norm), _pool(),
+                    *_conv(c(128), c(128), k, batch_norm), _pool()]
+
+        def narrow_conv() -> list[nn.Module]:
+            return _conv(c(128), c(32), k_narrow, batch_norm)
+
+        self.stage1 = nn.Sequential(*image_trunk(), *narrow_conv(),
+                                    *_conv(c(32), c(512), k, batch_norm),
+                                    *_conv(c(512), c(512), 1, batch_norm),
+                                    *_conv(c(512), num_maps, 1, batch_norm, relu=False))
+        # x': stage 1's layers up to its third pool, own weights, shared by all stages >= 2
+        # (the released model's conv1..pool3_stage2); each stage >= 2 has its own convk'-32 on it.
+        self.trunk = nn.Sequential(*image_trunk()) if self.stages >= 2 else None
+        return c(32), lambda: nn.Sequential(*narrow_conv())
+
+    def _build_vgg_front(self, num_maps: int):
+        """The shared VGG features and stage1; later stages read the features as they are."""
+        c, batch_norm = self._channels, self.batch_norm
+        layers: list[nn.Module] = []
+        self.vgg_layer_names: dict[int, str] = {}  # torchvision features index -> our module name
+        in_ch = 3
+        for index, out in zip(VGG19_CONV_INDICES, VGG19_CONV_CHANNELS):
+            self.vgg_layer_names[index] = f"features.{len(layers)}"
+            layers += _conv(in_ch, c(out), 3, batch_norm=False)
+            in_ch = c(out)
+            if index in VGG19_POOL_AFTER:
+                layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+        for out in (256, 256, 256, 256, 128):  # conv4_3_CPM .. conv4_7_CPM
+            layers += _conv(in_ch, c(out), 3, batch_norm)
+            in_ch = c(out)
+        self.features = nn.Sequential(*layers)
+        self.stage1 = nn.Sequential(*_conv(c(128), c(512), 1, batch_norm),
+                                    *_conv(c(512), num_maps, 1, batch_norm, relu=False))
+        return c(128), lambda: None
 
     @classmethod
     def from_config(cls, model_config, num_parts: int = 14, input_size: int = 368) -> "CPM":

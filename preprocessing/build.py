@@ -226,42 +226,17 @@ def _write_cache(dataset, label: str, split, indices, preprocess, final_path, st
     joint_set = dataset.joint_set
     kinds = dataset_kinds(dataset)
     workers = min(num_workers(preprocess), max(1, len(indices)))
-    skipped: dict[str, int] = {}
-    examples: dict[str, list[str]] = {}
+    skips = _Skips(f"{label} split '{split}'", strict)
     tmp_path = temp_path_for(final_path)
     writer = None
     try:
         with _results(dataset, indices, split, preprocess, kinds, workers) as results:
             writer = CacheWriter(tmp_path, joint_set.num_parts, preprocess.input_size, len(indices))
-            rows: list[dict] = []
-            without_torso = 0
-            # A bar on a terminal; in a log (a sweep's job) one line, not a bar redrawn a thousand times.
-            on_terminal = progress and sys.stderr.isatty()
-            if progress and not on_terminal:
-                print(f"building {final_path.name}: {len(indices)} images, {workers} worker(s)", flush=True)
-            bar = tqdm(results, total=len(indices), disable=not on_terminal, unit="img",
-                       desc=f"{final_path.name}", dynamic_ncols=True)
-            for result in bar:
-                if result[0] == "skip":
-                    _, reason, message = result
-                    if strict:
-                        raise DatasetError(f"{label} split '{split}': {message} "
-                                           f"(strict mode turns skipped samples into errors)")
-                    skipped[reason] = skipped.get(reason, 0) + 1
-                    examples.setdefault(reason, [])
-                    if len(examples[reason]) < MAX_SKIP_EXAMPLES:
-                        examples[reason].append(message)
-                    continue
-                rows.append(result[1])
-                without_torso += int(np.isnan(result[1]["torso"]))
-                if len(rows) >= WRITE_BLOCK:
-                    writer.append(_stack(rows))
-                    rows = []
-            if rows:
-                writer.append(_stack(rows))
+            bar = _progress_bar(results, final_path, len(indices), workers, progress)
+            without_torso = _append_results(bar, writer, skips)
         if writer.num_samples == 0:
             raise DatasetError(f"{label} split '{split}': no usable sample out of "
-                               f"{len(indices)} (skipped: {skipped or 'none'})")
+                               f"{len(indices)} (skipped: {skips.counts or 'none'})")
         writer.finish({
             "joint_set": joint_set.name,
             "joint_names": list(joint_set.names),
@@ -272,8 +247,8 @@ def _write_cache(dataset, label: str, split, indices, preprocess, final_path, st
             "data_spec": label,
             "split": split,
             "max_samples": extra.get("max_samples"),
-            "skipped": skipped,
-            "skipped_examples": examples,
+            "skipped": skips.counts,
+            "skipped_examples": skips.examples,
             "num_without_torso": without_torso,
         })
         writer = None
@@ -282,13 +257,58 @@ def _write_cache(dataset, label: str, split, indices, preprocess, final_path, st
         if writer is not None:
             writer.close()
         tmp_path.unlink(missing_ok=True)
-    if skipped:
-        total = sum(skipped.values())
-        names = "; ".join(m for ms in examples.values() for m in ms)
-        message = (f"{final_path.name}: skipped {total} of {len(indices)} samples {skipped}, e.g. {names}")
+    if skips.counts:
+        names = "; ".join(m for ms in skips.examples.values() for m in ms)
+        message = (f"{final_path.name}: skipped {sum(skips.counts.values())} of {len(indices)} samples "
+                   f"{skips.counts}, e.g. {names}")
         log.warning(message)
         warnings.warn(message, SkippedSamplesWarning, stacklevel=3)
     return final_path
+
+
+class _Skips:
+    """Samples skipped while building, counted by reason with a few messages each (strict: an error)."""
+
+    def __init__(self, where: str, strict: bool):
+        self.where, self.strict = where, strict
+        self.counts: dict[str, int] = {}
+        self.examples: dict[str, list[str]] = {}
+
+    def add(self, reason: str, message: str) -> None:
+        if self.strict:
+            raise DatasetError(f"{self.where}: {message} (strict mode turns skipped samples into errors)")
+        self.counts[reason] = self.counts.get(reason, 0) + 1
+        examples = self.examples.setdefault(reason, [])
+        if len(examples) < MAX_SKIP_EXAMPLES:
+            examples.append(message)
+
+
+def _progress_bar(results, final_path: Path, total: int, workers: int, progress: bool):
+    # A bar on a terminal; in a log (a sweep's job) one line, not a bar redrawn a thousand times.
+    on_terminal = progress and sys.stderr.isatty()
+    if progress and not on_terminal:
+        print(f"building {final_path.name}: {total} images, {workers} worker(s)", flush=True)
+    return tqdm(results, total=total, disable=not on_terminal, unit="img", desc=f"{final_path.name}",
+                dynamic_ncols=True)
+
+
+def _append_results(results, writer: CacheWriter, skips: _Skips) -> int:
+    """Writes the samples in blocks of WRITE_BLOCK, counts the skipped ones; returns how many
+    samples have no torso size (scored by no torso-normalised metric)."""
+    rows: list[dict] = []
+    without_torso = 0
+    for result in results:
+        if result[0] == "skip":
+            skips.add(*result[1:])
+            continue
+        rows.append(result[1])
+        without_torso += int(np.isnan(result[1]["torso"]))
+        if len(rows) >= WRITE_BLOCK:
+            writer.append(_stack(rows))
+            rows = []
+    if rows:
+        writer.append(_stack(rows))
+    return without_torso
 
 
 def _resolve_dataset(data_spec) -> tuple[PoseDataset, str]:

@@ -98,8 +98,24 @@ def _rot(deg: float) -> np.ndarray:
     return np.array([[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]])
 
 
+@dataclass
+class _Pose:
+    """A sampled pose in person units (height 1, pelvis at the origin), before placing."""
+
+    joints: np.ndarray  # (14, 2)
+    head_center: np.ndarray
+    head_radius: float
+    up: np.ndarray  # the head's up direction
+    facing_front: bool
+    arm_crossed: tuple[bool, bool]
+
+
 def _sample_figure(rng: np.random.Generator, image_size: int) -> _Figure:
     """Sample a pose and place it in the image. Units: person height = 1 until scaled."""
+    return _place(rng, _sample_pose(rng), image_size)
+
+
+def _sample_pose(rng: np.random.Generator) -> _Pose:
     facing_front = bool(rng.random() < 0.5)
     # Image-x sign of the person's right side: front view -> right side on the image left.
     side_sign = {"right": -1.0 if facing_front else 1.0}
@@ -110,58 +126,67 @@ def _sample_figure(rng: np.random.Generator, image_size: int) -> _Figure:
     neck_len = jitter(0.03)
     head_r = jitter(0.072)
     shoulder_w = jitter(0.11)
-    shoulder_drop = 0.03
     hip_w = jitter(0.07)
-    upper_arm, forearm = jitter(0.17), jitter(0.15)
-    thigh, shin = jitter(0.24), jitter(0.23)
+    arm = (jitter(0.17), jitter(0.15))  # upper arm, forearm
+    leg = (jitter(0.24), jitter(0.23))  # thigh, shin
 
     lean = rng.uniform(-10, 10)
     head_tilt = rng.uniform(-15, 15)
     r_lean = _rot(lean)
     j = np.zeros((14, 2))
-    pelvis = np.zeros(2)
-    neck = pelvis + r_lean @ np.array([0.0, -torso_len])
+    neck = r_lean @ np.array([0.0, -torso_len])  # the pelvis is the origin
     j[NECK] = neck
-    r_head = _rot(lean + head_tilt)
-    up = r_head @ np.array([0.0, -1.0])
+    up = _rot(lean + head_tilt) @ np.array([0.0, -1.0])
     head_center = neck + up * (neck_len + head_r)
     j[HEAD_TOP] = head_center + up * head_r
+    crossed = tuple(_sample_arm(rng, j, neck, r_lean, side_sign[side], shoulder_w, arm, limb)
+                    for side, limb in (("right", (R_SHOULDER, R_ELBOW, R_WRIST)),
+                                       ("left", (L_SHOULDER, L_ELBOW, L_WRIST))))
+    for side, limb in (("right", (R_HIP, R_KNEE, R_ANKLE)), ("left", (L_HIP, L_KNEE, L_ANKLE))):
+        _sample_leg(rng, j, side_sign[side], hip_w, leg, limb)
+    return _Pose(j, head_center, head_r, up, facing_front, crossed)
 
-    crossed = []
-    for side, (sh, el, wr) in (("right", (R_SHOULDER, R_ELBOW, R_WRIST)), ("left", (L_SHOULDER, L_ELBOW, L_WRIST))):
-        s = side_sign[side]
-        j[sh] = neck + r_lean @ np.array([s * shoulder_w, shoulder_drop])
-        # Angles from straight down, positive = away from the body's midline.
-        if rng.random() < 0.25:  # arm across the body: the hand ends beyond the midline
-            alpha = rng.uniform(-25, 15)
-            beta = rng.uniform(-125, -75)
-            crossed.append(True)
-        else:
-            alpha = rng.uniform(-15, 170)
-            beta = alpha - rng.uniform(-20, 140)
-            crossed.append(False)
-        a, b = np.deg2rad(alpha), np.deg2rad(beta)
-        j[el] = j[sh] + r_lean @ (upper_arm * np.array([s * np.sin(a), np.cos(a)]))
-        j[wr] = j[el] + r_lean @ (forearm * np.array([s * np.sin(b), np.cos(b)]))
 
-    for side, (hp, kn, an) in (("right", (R_HIP, R_KNEE, R_ANKLE)), ("left", (L_HIP, L_KNEE, L_ANKLE))):
-        s = side_sign[side]
-        j[hp] = pelvis + np.array([s * hip_w, 0.0])
-        gamma = rng.uniform(45, 85) if rng.random() < 0.1 else rng.uniform(-15, 35)
-        delta = gamma + rng.uniform(-35, 35)
-        g, d = np.deg2rad(gamma), np.deg2rad(delta)
-        j[kn] = j[hp] + thigh * np.array([s * np.sin(g), np.cos(g)])
-        j[an] = j[kn] + shin * np.array([s * np.sin(d), np.cos(d)])
+def _sample_arm(rng, j: np.ndarray, neck: np.ndarray, r_lean: np.ndarray, s: float, shoulder_w: float,
+                lengths: tuple[float, float], limb: tuple[int, int, int]) -> bool:
+    """Sets one arm's joints in `j`; returns whether it crosses the body."""
+    sh, el, wr = limb
+    shoulder_drop = 0.03
+    j[sh] = neck + r_lean @ np.array([s * shoulder_w, shoulder_drop])
+    # Angles from straight down, positive = away from the body's midline.
+    crossed = bool(rng.random() < 0.25)
+    if crossed:  # arm across the body: the hand ends beyond the midline
+        alpha = rng.uniform(-25, 15)
+        beta = rng.uniform(-125, -75)
+    else:
+        alpha = rng.uniform(-15, 170)
+        beta = alpha - rng.uniform(-20, 140)
+    a, b = np.deg2rad(alpha), np.deg2rad(beta)
+    j[el] = j[sh] + r_lean @ (lengths[0] * np.array([s * np.sin(a), np.cos(a)]))
+    j[wr] = j[el] + r_lean @ (lengths[1] * np.array([s * np.sin(b), np.cos(b)]))
+    return crossed
 
-    # Scale, rotate and place: person-centred, all joints (and the head) inside with a margin.
+
+def _sample_leg(rng, j: np.ndarray, s: float, hip_w: float, lengths: tuple[float, float],
+                limb: tuple[int, int, int]) -> None:
+    hp, kn, an = limb
+    j[hp] = np.array([s * hip_w, 0.0])
+    gamma = rng.uniform(45, 85) if rng.random() < 0.1 else rng.uniform(-15, 35)
+    delta = gamma + rng.uniform(-35, 35)
+    g, d = np.deg2rad(gamma), np.deg2rad(delta)
+    j[kn] = j[hp] + lengths[0] * np.array([s * np.sin(g), np.cos(g)])
+    j[an] = j[kn] + lengths[1] * np.array([s * np.sin(d), np.cos(d)])
+
+
+def _place(rng: np.random.Generator, pose: _Pose, image_size: int) -> _Figure:
+    """Scale, rotate and place: person-centred, all joints (and the head) inside with a margin."""
     height = rng.uniform(0.60, 0.85) * image_size
     rotation = rng.uniform(-15, 15)
     shift = rng.uniform(-0.04, 0.04, size=2) * image_size
     r_glob = _rot(rotation)
-    pts = np.vstack([j, head_center[None]])
+    pts = np.vstack([pose.joints, pose.head_center[None]])
     pts = (pts @ r_glob.T) * height
-    up_img = r_glob @ up
-    head_box = pts[14] + np.array([[-1, 0], [1, 0], [0, -1], [0, 1]]) * head_r * height
+    head_box = pts[14] + np.array([[-1, 0], [1, 0], [0, -1], [0, 1]]) * pose.head_radius * height
     extent_pts = np.vstack([pts[:14], head_box])
     lo, hi = extent_pts.min(0), extent_pts.max(0)
     margin = 0.05 * image_size
@@ -175,12 +200,12 @@ def _sample_figure(rng: np.random.Generator, image_size: int) -> _Figure:
     pts = pts + target
     return _Figure(
         joints=pts[:14],
-        facing_front=facing_front,
+        facing_front=pose.facing_front,
         head_center=pts[14],
-        head_radius=head_r * height * fit,
-        up=up_img,
+        head_radius=pose.head_radius * height * fit,
+        up=r_glob @ pose.up,
         height_px=height * fit,
-        arm_crossed=(crossed[0], crossed[1]),
+        arm_crossed=pose.arm_crossed,
     )
 
 
