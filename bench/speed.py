@@ -142,9 +142,9 @@ def time_pipeline(config: ExperimentConfig, cache, device: torch.device, setup: 
         sync(device)
         start = time.perf_counter()
         sampler = GradientSampler(model, len(batches), device, gradient_samples) if gradient_samples else None
-        sums = train_one_epoch(step_model, optimizer, scheduler, batches, capped, None, device, gradients=sampler)
+        sums = train_one_epoch(step_model, optimizer, scheduler, batches, capped, None, device, gradients=sampler).sums
         sync(device)
-        return sums["images"] / (time.perf_counter() - start)
+        return sums.images / (time.perf_counter() - start)
 
     if warmup:
         run(warmup, epoch + 1000)
@@ -231,9 +231,9 @@ def memory_worker(config_path: str, overrides: list[str], cache_path: str, max_s
         config, device, StepSetup(t.precision, True, t.compile), steps)
     flip_permutation = flip_permutation_of(len(cache.joint_names), cache.flip_pairs)
     batches = epoch_batches(cache, config, 0, 1, 0, flip_permutation, device)
-    sums = train_one_epoch(step_model, optimizer, scheduler, batches, config, None, device)
+    sums = train_one_epoch(step_model, optimizer, scheduler, batches, config, None, device).sums
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"samples": len(cache), "steps": sums["steps"], "images": sums["images"], "peak_rss_mib": peak_kib / 1024}
+    return {"samples": len(cache), "steps": sums.steps, "images": sums.images, "peak_rss_mib": peak_kib / 1024}
 
 
 def peak_rss_of_worker(config_path: str, overrides: list[str], cache_path: Path, max_steps: int | None) -> dict:

@@ -122,7 +122,7 @@ def fit(args) -> int:
     if best_dir is not None:  # through a temp file: an earlier best.pt stays whole until replaced
         copy_durably(best_dir / CHECKPOINT_FILE, out / "best.pt")
     summary = {"name": config.name, "metric": result["protocol"].name, "best_epoch": result["best_epoch"],
-               "best_val_pck": result["best_pck"],
+               "best_val_pck": result["best_score"],
                "wall_time_s": elapsed, **(result["test"] or {})}
     if not args.no_figures and result["history"]:
         paths = make_figures(result["model"], result["val_cache"], config, out, result["history"])
@@ -131,7 +131,7 @@ def fit(args) -> int:
     write_gradients_file(result["model"], result["gradients"], out)
     protocol = result["protocol"]
     label = protocol.label.split(" ")[0]
-    print(f"best epoch {result['best_epoch']}: val {label} {100 * result['best_pck']:.1f}%"
+    print(f"best epoch {result['best_epoch']}: val {label} {100 * result['best_score']:.1f}%"
           + (f", test {label} {100 * result['test']['test_' + protocol.name]:.1f}%" if result["test"] else "")
           + f"; {elapsed / 60:.1f} min; wrote {out}", flush=True)
     if tracker:

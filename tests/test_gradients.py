@@ -47,9 +47,9 @@ def sampled_epoch(model: CPM, supervised: bool) -> dict:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     sampler = GradientSampler(model, STEPS, torch.device("cpu"))
-    sums = train_one_epoch(model, optimizer, scheduler, [one_batch()] * STEPS, config, None, torch.device("cpu"),
-                           gradients=sampler)
-    return sums["gradients"]
+    trained = train_one_epoch(model, optimizer, scheduler, [one_batch()] * STEPS, config, None, torch.device("cpu"),
+                              gradients=sampler)
+    return trained.gradients
 
 
 def norm_by_hand(loss: torch.Tensor, parameters: list) -> float:

@@ -106,7 +106,7 @@ def test_training_on_mpii_reports_pckh_in_every_row(mpii_root, tmp_path):
     row = result["history"][0]
     assert {"pckh", "pckh_stage1", "pckh_stage2", "pckh@0.1", "pckh_head_top"} <= set(row)
     assert not any(key == "pck" or key.startswith("pck_") for key in row)
-    assert row["pckh"] == row["pckh_stage2"] and result["best_pck"] == row["pckh"]
+    assert row["pckh"] == row["pckh_stage2"] and result["best_score"] == row["pckh"]
     assert "test_pckh" in result["test"] and "test_pckh_curve_a0.50" in result["test"]
 
 

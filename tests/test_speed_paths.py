@@ -102,11 +102,11 @@ def test_worker_loop_loss_equals_hand_written_step(setup):
     rows = np.arange(8)
     batches = CacheBatches(cache, np.arange(len(cache)), [rows], "cpu", keys=("images", "belief_maps", "joints"),
                            prepare=lambda batch: {**batch, "targets": batch["belief_maps"]})
-    sums = train_one_epoch(model, optimizer, scheduler, batches, config, None, torch.device("cpu"))
+    sums = train_one_epoch(model, optimizer, scheduler, batches, config, None, torch.device("cpu")).sums
     images, targets, joints = batch_of(cache)
     expected = hand_written_loss(reference, images, targets, joints).detach()
-    assert sums["steps"] == 1
-    assert sums["loss_sum"] == pytest.approx(float(expected), rel=1e-5)
+    assert sums.steps == 1
+    assert sums.loss == pytest.approx(float(expected), rel=1e-5)
 
 
 def run_epoch(config, cache, batches):
@@ -114,7 +114,7 @@ def run_epoch(config, cache, batches):
     model = build_model(config, len(cache.joint_names)).train()
     optimizer = make_optimizer(model, config.train)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    sums = train_one_epoch(model, optimizer, scheduler, batches, config, None, torch.device("cpu"))
+    sums = train_one_epoch(model, optimizer, scheduler, batches, config, None, torch.device("cpu")).sums
     return sums, model.state_dict()
 
 
@@ -129,9 +129,9 @@ def test_augmenting_in_the_reader_thread_equals_augmenting_in_the_step(setup):
     in_step.prepare_in_reader = False  # what a CUDA device does
     reader_sums, reader_state = run_epoch(config, cache, in_reader)
     step_sums, step_state = run_epoch(config, cache, in_step)
-    assert reader_sums["steps"] == step_sums["steps"] == 3
-    assert reader_sums["loss_sum"] == step_sums["loss_sum"]
-    np.testing.assert_array_equal(reader_sums["stage_loss_sum"], step_sums["stage_loss_sum"])
+    assert reader_sums.steps == step_sums.steps == 3
+    assert reader_sums.loss == step_sums.loss
+    np.testing.assert_array_equal(reader_sums.stage_losses, step_sums.stage_losses)
     for key in step_state:
         torch.testing.assert_close(reader_state[key], step_state[key], rtol=0, atol=0)
 

@@ -22,6 +22,9 @@ from pipeline.train.context import WorkerContext
 # A trial's start-up, moment by moment (wall-clock times; the first two come from the trial's
 # driver, on the same node as Tune): the trial's process started -> its trainable ran ->
 # this worker's loop function ran -> its context was ready -> caches open -> model ready -> first step.
+# The context sees the last three through the loop's own calls, so the loop carries no timing:
+# the loop asks for its checkpoints once the caches are open and the model is built (building
+# takes milliseconds), wraps the model once it is restored, and reports progress from its first step.
 STARTUP_MOMENTS = ("trial_process", "trial", "worker_loop", "context", "caches_open", "model_ready", "first_step")
 
 
@@ -64,6 +67,7 @@ class RayTrainContext(WorkerContext):
         self._startup_reported = False
 
     def mark(self, moment: str) -> None:
+        """Record a start-up moment the first time it happens."""
         self.moments.setdefault(moment, time.time())
 
     def epoch_progress(self, epoch: int, epochs: int, steps: int, batch_size: int):
@@ -81,6 +85,7 @@ class RayTrainContext(WorkerContext):
         return tensor.cpu().numpy()
 
     def wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        self.mark("model_ready")
         if self.world_size == 1:
             return model
         return ray.train.torch.prepare_model(model, move_to_device=False)
@@ -110,6 +115,7 @@ class RayTrainContext(WorkerContext):
     def restore_checkpoint_dirs(self) -> list[str]:
         """Ray hands only the latest checkpoint; on local or shared storage the run's other kept
         ones (CheckpointConfig num_to_keep) lie beside it and are the fallbacks, newest first."""
+        self.mark("caches_open")
         latest = self.restore_checkpoint_dir()
         if latest is None:
             return []

@@ -61,10 +61,6 @@ class WorkerContext:
         """A directory holding the checkpoint to resume from, or None to start afresh."""
         raise NotImplementedError
 
-    def mark(self, moment: str) -> None:
-        """The loop passed a start-up moment ("caches_open", "model_ready"); a context that times
-        its start-up records it."""
-
     def report_restored(self, rows: list[dict]) -> None:
         """After a resume, the rows of the epochs the checkpoint holds. A local run's rows are in
         its metrics file already: nothing to do."""

@@ -39,6 +39,7 @@ from pipeline.train.checkpoint import (
     save_checkpoint,
 )
 from pipeline.train.context import WorkerContext
+from pipeline.train.epoch_sums import EpochSums, TrainedEpoch
 from pipeline.train.gradients import GradientSampler
 from pipeline.train.inference import autocast, build_model, refine_context
 from pipeline.train.progress import NoProgress
@@ -100,12 +101,13 @@ class TrainState:
     objective: str = names.PCK.name  # the validation metric that picks the best epoch (pck or pckh)
 
     @property
-    def best_pck(self) -> float:
+    def best_score(self) -> float:
+        """The best epoch's validation value of the objective (PCK, or PCKh on MPII)."""
         return self._score(self.history[self.best_epoch - 1]) if self.best_epoch else -math.inf
 
     def _score(self, metrics: dict) -> float:
-        pck = metrics[self.objective]
-        return -math.inf if math.isnan(pck) else pck
+        value = metrics[self.objective]
+        return -math.inf if math.isnan(value) else value
 
     def restore(self, checkpoint: dict, source: str) -> None:
         load_model_state(self.model, checkpoint["model"], source)
@@ -124,7 +126,7 @@ class TrainState:
         """Append an epoch's row, marking the best epoch so far (the earliest of equal scores)."""
         self.epoch = metrics[names.EPOCH]
         self.history.append(metrics)
-        if self.best_epoch is None or self._score(metrics) > self.best_pck:
+        if self.best_epoch is None or self._score(metrics) > self.best_score:
             self.best_epoch = self.epoch
             self.best_weights = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
         metrics[names.BEST_EPOCH] = self.best_epoch
@@ -154,11 +156,11 @@ def report_with_checkpoint(ctx: WorkerContext, metrics: dict, checkpoint: dict |
 # --- one epoch ------------------------------------------------------------------------------------
 
 def train_one_epoch(model, optimizer, scheduler, batches, config: ExperimentConfig, stage: int | None,
-                    device, progress=NoProgress(), gradients: GradientSampler | None = None) -> dict:
-    """One pass over this rank's batches; returns summed losses and counts (not yet reduced).
+                    device, progress=NoProgress(), gradients: GradientSampler | None = None) -> TrainedEpoch:
+    """One pass over this rank's batches; returns its summed losses and counts (not yet reduced).
     `stage` None trains on every stage's loss (or the last one's without intermediate supervision);
     stage t (stage-wise training) on stage t's alone. `progress.step(images)` follows each step.
-    `gradients` measures the gradients at its sampled steps; its summary is returned as "gradients"."""
+    `gradients` measures the gradients at its sampled steps; its summary is returned with the sums."""
     t = config.train
     # Sums stay on the device in float64 (what float() summed on the host): no sync per step.
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -194,26 +196,26 @@ def train_one_epoch(model, optimizer, scheduler, batches, config: ExperimentConf
         images_seen += images.shape[0]
         progress.step(images.shape[0])
     progress.close()
-    return {"loss_sum": float(loss_sum), "stage_loss_sum": stage_loss_sum.cpu().numpy(), "steps": steps,
-            "images": images_seen, "first_bad_step": first_bad_step, "first_bad_is_nan": first_bad_is_nan,
-            "gradients": gradients.epoch_summary() if gradients is not None else {}}
+    sums = EpochSums(loss=float(loss_sum), steps=steps, images=images_seen, stage_losses=stage_loss_sum.cpu().numpy())
+    return TrainedEpoch(sums, first_bad_step, first_bad_is_nan,
+                        gradients.epoch_summary() if gradients is not None else {})
 
 
-def check_finite_loss(loss_sum: float, sums: dict, ctx: WorkerContext, epoch: int) -> None:
+def check_finite_loss(loss_sum: float, trained: TrainedEpoch, ctx: WorkerContext, epoch: int) -> None:
     """Raise TrainingDivergedError naming the epoch and the first step (over all ranks) whose loss was
     NaN or infinite. `loss_sum` is the all-reduced sum, the same on every rank."""
     if math.isfinite(loss_sum):
         return
     per_rank = np.zeros(2 * ctx.world_size)  # [first bad step per rank..., is NaN per rank...]
-    per_rank[ctx.rank] = int(sums["first_bad_step"])
-    per_rank[ctx.world_size + ctx.rank] = float(bool(sums["first_bad_is_nan"]))
+    per_rank[ctx.rank] = int(trained.first_bad_step)
+    per_rank[ctx.world_size + ctx.rank] = float(bool(trained.first_bad_is_nan))
     per_rank = ctx.all_reduce_sum(per_rank)
     bad = [(int(step), bool(per_rank[ctx.world_size + rank])) for rank, step in enumerate(per_rank[:ctx.world_size])
            if step > 0]
     step, is_nan = min(bad) if bad else (0, math.isnan(loss_sum))
     where = f"step {step}" if step else "a step"
     raise TrainingDivergedError(f"loss became {'NaN' if is_nan else 'inf'} at epoch {epoch}, {where} "
-                           f"(of {int(sums['steps'])} on this worker); lower train.lr or check the data")
+                           f"(of {trained.sums.steps} on this worker); lower train.lr or check the data")
 
 
 def validate(model, cache, config: ExperimentConfig, ctx: WorkerContext, flip_permutation=None):
@@ -226,15 +228,13 @@ def validate(model, cache, config: ExperimentConfig, ctx: WorkerContext, flip_pe
     return counts.reduced(ctx.all_reduce_sum)
 
 
-def epoch_metrics(epoch: int, reduced: np.ndarray, world_size: int, counts, joint_names, protocol, lr: float,
+def epoch_metrics(epoch: int, sums: EpochSums, world_size: int, counts, joint_names, protocol, lr: float,
                   trained_stage: int | None, epoch_time_s: float, grad_norms=()) -> dict:
-    """One epoch's row. `reduced` = [loss sum, steps, images, train seconds, per-stage loss sums...]
-    summed over ranks; `grad_norms` per stage, this rank's (DDP averages the gradients over ranks
-    before the sampler reads them, so every rank measures the same)."""
-    loss_sum, steps, images, train_seconds = reduced[:4]
-    steps = max(steps, 1)
-    metrics = {names.EPOCH: epoch, names.TRAIN_LOSS: float(loss_sum / steps)}
-    for s, value in enumerate(reduced[4:]):
+    """One epoch's row, from the sums over every rank; `grad_norms` per stage, this rank's (DDP
+    averages the gradients over ranks before the sampler reads them, so every rank measures the same)."""
+    steps = max(sums.steps, 1)
+    metrics = {names.EPOCH: epoch, names.TRAIN_LOSS: float(sums.loss / steps)}
+    for s, value in enumerate(sums.stage_losses):
         metrics[names.train_loss_stage_key(s + 1)] = float(value / steps)
     for s, value in enumerate(grad_norms):
         metrics[names.grad_norm_stage_key(s + 1)] = float(value)
@@ -243,7 +243,7 @@ def epoch_metrics(epoch: int, reduced: np.ndarray, world_size: int, counts, join
     metrics["lr"] = lr  # the rate reached at the end of the epoch
     metrics["trained_stage"] = trained_stage if trained_stage is not None else 0
     metrics["epoch_time_s"] = epoch_time_s
-    metrics["images_per_s"] = float(images / max(train_seconds / world_size, 1e-9))  # over the mean rank time
+    metrics["images_per_s"] = float(sums.images / max(sums.train_seconds / world_size, 1e-9))  # over the mean rank time
     return metrics
 
 
@@ -296,14 +296,13 @@ def train_worker(config: ExperimentConfig | dict, ctx: WorkerContext, progress: 
 
     cache_paths: optional {split: HDF5 cache file} to use instead of building from config.data.
     score_test: False leaves the test split unread (comparisons that choose a recipe must not see it).
-    Returns {"history": [metrics per epoch], "best_epoch", "best_pck" (its validation PCK or PCKh),
-    "protocol", "test": {...}, "model", ...}.
+    Returns {"history": [metrics per epoch], "best_epoch", "best_score" (its validation value of the
+    protocol's metric: PCK, or PCKh on MPII), "protocol", "test": {...}, "model", ...}.
     """
     config = config if isinstance(config, ExperimentConfig) else from_dict(config)
     t, device = config.train, ctx.device
     phases, epochs, protocol = training_phases(config), total_epochs(config), protocol_for(config)
     train_cache, val_cache = open_caches(config, ctx, ("train", "val"), progress, cache_paths).values()
-    ctx.mark("caches_open")
     joint_names, flip_pairs = train_cache.joint_names, train_cache.flip_pairs
     flip_permutation = flip_permutation_of(len(joint_names), flip_pairs)
     if len(train_cache) < t.batch_size * ctx.world_size:
@@ -312,7 +311,6 @@ def train_worker(config: ExperimentConfig | dict, ctx: WorkerContext, progress: 
     steps_per_epoch = len(train_batches(len(train_cache), t.batch_size, ctx.rank, ctx.world_size, t.seed, 0,
                                         t.max_steps_per_epoch))
     state, init_note = new_or_restored_state(config, ctx, len(joint_names), steps_per_epoch)
-    ctx.mark("model_ready")
     model, optimizer = state.model, state.optimizer
 
     wrapped_for, train_model = "unset", model
@@ -325,19 +323,18 @@ def train_worker(config: ExperimentConfig | dict, ctx: WorkerContext, progress: 
         epoch_start = time.perf_counter()
         batches = epoch_batches(train_cache, config, ctx.rank, ctx.world_size, epoch, flip_permutation, device)
         shown = ctx.epoch_progress(epoch + 1, epochs, len(batches), t.batch_size)
-        sums = train_one_epoch(train_model, optimizer, state.scheduler, batches, config, phase.stage, device, shown,
-                               GradientSampler(model, len(batches), device))
-        if sums["gradients"]:
-            state.gradients.append({names.EPOCH: epoch + 1, **sums["gradients"]})
-        train_seconds = time.perf_counter() - epoch_start
-        reduced = ctx.all_reduce_sum(np.concatenate([[sums["loss_sum"], sums["steps"], sums["images"], train_seconds],
-                                                     sums["stage_loss_sum"]]))
-        check_finite_loss(float(reduced[0]), sums, ctx, epoch + 1)
+        trained = train_one_epoch(train_model, optimizer, state.scheduler, batches, config, phase.stage, device,
+                                  shown, GradientSampler(model, len(batches), device))
+        if trained.gradients:
+            state.gradients.append({names.EPOCH: epoch + 1, **trained.gradients})
+        trained.sums.train_seconds = time.perf_counter() - epoch_start
+        sums = trained.sums.all_reduced(ctx.all_reduce_sum)
+        check_finite_loss(sums.loss, trained, ctx, epoch + 1)
         counts = validate(model, val_cache, config, ctx, flip_permutation)
-        metrics = state.record({**epoch_metrics(epoch + 1, reduced, ctx.world_size, counts, joint_names, protocol,
+        metrics = state.record({**epoch_metrics(epoch + 1, sums, ctx.world_size, counts, joint_names, protocol,
                                                 optimizer.param_groups[0]["lr"], phase.stage,
                                                 time.perf_counter() - epoch_start,
-                                                sums["gradients"].get("stage_grad_norm", ())),
+                                                trained.gradients.get("stage_grad_norm", ())),
                                 **hardware.epoch_figures()})
         report_with_checkpoint(ctx, metrics, state.checkpoint(config, joint_names, flip_pairs) if ctx.is_chief else None)
 
@@ -348,6 +345,6 @@ def train_worker(config: ExperimentConfig | dict, ctx: WorkerContext, progress: 
     if test:
         # best_* metrics come from the best epoch's own row (pipeline.tracking.trial_logger).
         ctx.report({names.EPOCH: epochs, names.BEST_EPOCH: state.best_epoch, **test})
-    return {"history": state.history, "best_epoch": state.best_epoch, "best_pck": state.best_pck, "protocol": protocol,
+    return {"history": state.history, "best_epoch": state.best_epoch, "best_score": state.best_score, "protocol": protocol,
             "joint_names": list(joint_names), "init_weights": init_note, "epochs": epochs, "test": test or None,
             "model": model, "val_cache": val_cache, "gradients": state.gradients}
