@@ -1,5 +1,5 @@
 """The project's layering, checked on the source: which packages may import Ray and MLflow, no
-import circles, and short functions in pipeline/."""
+import circles, and short functions in pipeline/ and the config."""
 
 from __future__ import annotations
 
@@ -106,7 +106,7 @@ def test_the_circle_check_finds_a_circle(tmp_path, monkeypatch):
 def test_functions_in_pipeline_are_short_or_say_why():
     """A function of more than about a screen must say in its docstring why it is long."""
     long = []
-    for path in source_files("pipeline"):
+    for path in source_files("pipeline", "cpm_model/config.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 lines = node.end_lineno - node.lineno + 1
