@@ -75,3 +75,14 @@ def test_trials_and_the_sweep_record_get_the_masked_uri():
     # The store is compared by the hash of the URI as given: other credentials are another store.
     assert identity["tracking_uri_sha256"] == hashlib.sha256(WITH_PASSWORD.encode()).hexdigest()
     assert PASSWORD not in repr(identity)
+
+
+@pytest.mark.parametrize("command", ["fit", "sweep"])
+def test_print_config_masks_the_password(command, capsys):
+    from pipeline import fit, sweep
+
+    main = {"fit": fit.main, "sweep": sweep.main}[command]
+    assert main(["--config", "synthetic_tiny", "--tracking-uri", f"{WITH_PASSWORD}?token=tok-3e7a90c41d",
+                 "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert f"tracking_uri: {SHOWN}?token=***" in out and PASSWORD not in out and "tok-3e7a90c41d" not in out
