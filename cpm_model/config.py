@@ -4,6 +4,8 @@ Loaded from YAML presets (the packaged ones in cpm_model/presets/, chosen by nam
 file by path), overridden from the command line with
 `--set section.key=value` (the value parsed as YAML), validated by name, and flattened to
 `section.key` params for MLflow. Plain dataclasses and PyYAML only, so every layer can use it.
+It holds the tracking URI as given (the process that connects needs it); what may be shown of it
+is the tracking side's rule (`pipeline.redaction.public_config`).
 """
 
 from __future__ import annotations
@@ -12,9 +14,10 @@ import copy
 import dataclasses
 import json
 import re
-from dataclasses import dataclass, field, fields
+import types
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -128,6 +131,24 @@ class TrackingConfig:
     experiment: str = "cpm-pipeline"
 
 
+SEARCH_DISTRIBUTIONS = ("loguniform", "uniform", "choice")
+
+
+@dataclass(frozen=True)
+class Distribution:
+    """One `sweep.search` entry, parsed when the config loads: `loguniform` and `uniform` draw a
+    float in [low, high]; `choice` picks one of `values`."""
+
+    kind: str  # one of SEARCH_DISTRIBUTIONS
+    low: float = 0.0
+    high: float = 0.0
+    values: tuple = ()
+
+    def points(self) -> list:
+        """The values to check against the key's own rules: the bounds, or every choice."""
+        return list(self.values) if self.kind == "choice" else [self.low, self.high]
+
+
 @dataclass
 class ExperimentConfig:
     name: str = "default"
@@ -139,28 +160,23 @@ class ExperimentConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
-        validate(self)
+        # sweep.search parsed into distributions, once (the runner builds Tune's space from it). An
+        # attribute, not a field: to_dict(), the MLflow params and the YAML keep the search as written.
+        self.search_space: dict[str, Distribution] = validate(self)
 
     # --- conversions -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def public_dict(self) -> dict[str, Any]:
-        """to_dict() with the tracking URI's password or token masked (`redact_uri`): the form that
-        is printed, logged to MLflow and stored in checkpoints. Only the sweep's driver connects."""
-        data = self.to_dict()
-        data["tracking"]["tracking_uri"] = redact_uri(data["tracking"]["tracking_uri"])
-        return data
-
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.public_dict(), sort_keys=False)
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def flat_params(self) -> dict[str, Any]:
         """`section.key` -> value, for MLflow params (dicts and lists as JSON)."""
         flat: dict[str, Any] = {"name": self.name}
-        public = self.public_dict()
+        data = self.to_dict()
         for section in SECTIONS:
-            for key, value in public[section].items():
+            for key, value in data[section].items():
                 flat[f"{section}.{key}"] = json.dumps(value) if isinstance(value, (dict, list)) else value
         return flat
 
@@ -174,39 +190,6 @@ class ExperimentConfig:
 
 SECTIONS = ("data", "preprocess", "model", "train", "sweep", "tracking")
 
-REDACTED = "***"
-# Query parameters that carry credentials (password=, sslpassword=, token=, access_token=, api_key=).
-_SECRET_QUERY_KEY = re.compile(r"pass|pwd|token|secret|key", re.IGNORECASE)
-_QUERY_PARAM = re.compile(r"([?&;])([^=&;#]*)=([^&;#]+)")
-
-
-def _secret_spans(uri: str | None) -> list[tuple[int, int]]:
-    """(start, end) of each secret in a URI: the password of `user:password@host` and the values
-    of credential query parameters (`?password=`, `?token=`)."""
-    if not uri or "://" not in uri:
-        return []
-    begin = uri.index("://") + 3
-    query = min((i for i in (uri.find("?", begin), uri.find("#", begin)) if i >= 0), default=len(uri))
-    spans = []
-    at = uri.rfind("@", begin, query)  # the last '@': an unescaped '/' in a password is still caught
-    colon = uri.find(":", begin, at) if at >= 0 else -1
-    if colon >= 0 and at > colon + 1:
-        spans.append((colon + 1, at))
-    spans += [m.span(3) for m in _QUERY_PARAM.finditer(uri, query) if _SECRET_QUERY_KEY.search(m[2])]
-    return spans
-
-
-def uri_secrets(uri: str | None) -> list[str]:
-    """The secrets of a URI as written (to scrub them from error text as well)."""
-    return [uri[a:b] for a, b in _secret_spans(uri)]
-
-
-def redact_uri(uri: str | None) -> str | None:
-    """The URI with every secret replaced by ***; a URI without one is returned unchanged."""
-    for a, b in reversed(_secret_spans(uri)):
-        uri = uri[:a] + REDACTED + uri[b:]
-    return uri
-_SECTION_TYPES = {f.name: f.type for f in fields(ExperimentConfig) if f.name in SECTIONS}
 
 _CHOICES = {
     "preprocess.train_crop": ("bbox", "image"),
@@ -224,40 +207,50 @@ def _section_class(section: str):
     return get_type_hints(ExperimentConfig)[section]
 
 
+# Types are read from the hints themselves (typing.get_origin / get_args) rather than through
+# pydantic: the config stays plain dataclasses and PyYAML (no dependency that only Ray and MLflow
+# bring), the hints used are few (X, X | None, dict[...], list), and pydantic's own messages would
+# have to be translated back into these one-line ones.
+# Outer type -> (the Python types a value may have, what the message says is expected). A bool is
+# an int in Python: it is refused by name where a number is expected.
+_EXPECTED = {
+    bool: ((bool,), "true or false"),
+    int: ((int,), "an integer"),
+    float: ((int, float), "a number"),
+    str: ((str,), "a string"),
+    dict: ((dict,), "a mapping"),
+    list: ((list,), "a list"),
+}
+
+
+def _outer_type(hint: Any) -> tuple[type, bool]:
+    """(the outer type of a hint, whether it allows None): `int | None` -> (int, True),
+    `dict[str, list]` -> (dict, False). A dict's keys and values are checked where they are used."""
+    allows_none = False
+    if get_origin(hint) in (Union, types.UnionType):
+        args = [a for a in get_args(hint) if a is not type(None)]
+        if len(args) != 1:
+            raise TypeError(f"config fields are X or X | None, not {hint}")
+        hint, allows_none = args[0], True
+    base = get_origin(hint) or hint
+    if base not in _EXPECTED:
+        raise TypeError(f"config fields take {sorted(t.__name__ for t in _EXPECTED)}, not {hint}")
+    return base, allows_none
+
+
 def _check_type(path: str, value: Any, hint: Any) -> Any:
     """Coerce ints to floats where a float is expected; reject other type mismatches by name."""
-    text = str(hint)
-    allows_none = "None" in text
+    base, allows_none = _outer_type(hint)
     if value is None:
         if allows_none:
             return None
         raise ConfigError(f"config key '{path}' must not be null")
-    base = text.replace(" | None", "").replace("typing.Optional[", "").rstrip("]")
-    if hint is bool or base == "bool":
-        if not isinstance(value, bool):
-            raise ConfigError(f"config key '{path}' must be true or false, got {value!r}")
-    elif hint is int or base == "int":
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"config key '{path}' must be an integer, got {value!r}")
-    elif hint is float or base == "float":
-        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"config key '{path}' must be a number, got {value!r}")
-        value = float(value)
-    elif hint is str or base == "str":
-        if not isinstance(value, str):
-            raise ConfigError(f"config key '{path}' must be a string, got {value!r}")
-    elif base.startswith("dict"):
-        if not isinstance(value, dict):
-            raise ConfigError(f"config key '{path}' must be a mapping, got {value!r}")
-    elif base.startswith("list"):
-        if not isinstance(value, list):
-            raise ConfigError(f"config key '{path}' must be a list, got {value!r}")
-    return value
+    if base is float and isinstance(value, str) and _number(value) is not None:
+        value = _number(value)  # YAML 1.1 reads "1e-3" as a string
+    allowed, expected = _EXPECTED[base]
+    if not isinstance(value, allowed) or (isinstance(value, bool) and base is not bool):
+        raise ConfigError(f"config key '{path}' must be {expected}, got {value!r}")
+    return float(value) if base is float else value
 
 
 def from_dict(data: dict[str, Any]) -> ExperimentConfig:
@@ -285,15 +278,39 @@ def from_dict(data: dict[str, Any]) -> ExperimentConfig:
     return ExperimentConfig(**kwargs)
 
 
-def validate(config: ExperimentConfig) -> None:
-    """Reject bad values, naming the key and what was expected."""
+def validate(config: ExperimentConfig) -> dict[str, Distribution]:
+    """Reject bad values, naming the key and what was expected; return sweep.search parsed."""
     for dotted, choices in _CHOICES.items():
         section, key = dotted.split(".")
         value = getattr(getattr(config, section), key)
         if value not in choices:
             raise ConfigError(f"config key '{dotted}' must be one of {list(choices)}, got {value!r}")
+    for key, ok, expected in _range_checks(config):
+        if not ok:
+            section, name = key.split(".")
+            raise ConfigError(f"config key '{key}' must be {expected}, got {getattr(getattr(config, section), name)!r}")
+    for dotted in list(config.sweep.grid) + list(config.sweep.search):
+        _check_dotted_key(dotted, where="sweep grid/search")
+    for i, variant in enumerate(config.sweep.variants):
+        if not isinstance(variant, dict) or not variant:
+            raise ConfigError(f"sweep.variants[{i}] must be a non-empty mapping of dotted keys, got {variant!r}")
+        for dotted in variant:
+            _check_dotted_key(dotted, where=f"sweep.variants[{i}]")
+    check_path_component(config.name, "config key 'name'")
+    storage_path = config.sweep.storage_path
+    if _URI_SCHEME.match(storage_path):
+        raise ConfigError(f"config key 'sweep.storage_path' is {storage_path!r}: cloud storage paths are not "
+                          "supported; use a path every node sees, e.g. a shared file system mount")
+    for dotted, values in config.sweep.grid.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"sweep.grid['{dotted}'] must be a non-empty list, got {values!r}")
+    return _check_search_space(config)
+
+
+def _range_checks(config: ExperimentConfig) -> list[tuple[str, bool, str]]:
+    """(key, whether its value is in range, what is expected) for every bounded number."""
     m, t, p, d, s = config.model, config.train, config.preprocess, config.data, config.sweep
-    checks = [
+    return [
         ("model.stages", m.stages >= 1, "an integer >= 1"),
         ("model.width", m.width > 0, "a positive number"),
         ("model.stage1_kernel", m.stage1_kernel >= 1 and m.stage1_kernel % 2 == 1, "an odd integer >= 1"),
@@ -327,30 +344,10 @@ def validate(config: ExperimentConfig) -> None:
         ("sweep.max_concurrent_trials", s.max_concurrent_trials is None or s.max_concurrent_trials >= 1,
          "an integer >= 1 (or null: derived from the cluster)"),
     ]
-    for key, ok, expected in checks:
-        if not ok:
-            section, name = key.split(".")
-            raise ConfigError(f"config key '{key}' must be {expected}, got {getattr(getattr(config, section), name)!r}")
-    for dotted in list(config.sweep.grid) + list(config.sweep.search):
-        _check_dotted_key(dotted, where="sweep grid/search")
-    for i, variant in enumerate(config.sweep.variants):
-        if not isinstance(variant, dict) or not variant:
-            raise ConfigError(f"sweep.variants[{i}] must be a non-empty mapping of dotted keys, got {variant!r}")
-        for dotted in variant:
-            _check_dotted_key(dotted, where=f"sweep.variants[{i}]")
-    check_path_component(config.name, "config key 'name'")
-    if _URI_SCHEME.match(s.storage_path):
-        raise ConfigError(f"config key 'sweep.storage_path' is {s.storage_path!r}: cloud storage paths are not "
-                          "supported; use a path every node sees, e.g. a shared file system mount")
-    for dotted, values in config.sweep.grid.items():
-        if not isinstance(values, list) or not values:
-            raise ConfigError(f"sweep.grid['{dotted}'] must be a non-empty list, got {values!r}")
-    _check_search_space(config)
 
 
 _URI_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _PATH_COMPONENT = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$")
-SEARCH_DISTRIBUTIONS = ("loguniform", "uniform", "choice")
 
 
 def check_path_component(value: str, what: str) -> None:
@@ -370,7 +367,29 @@ def _number(value: Any) -> float | None:
         return None
 
 
-def _check_search_space(config: ExperimentConfig) -> None:
+def parse_distribution(where: str, spec: Any) -> Distribution:
+    """{loguniform: [lo, hi]} | {uniform: [lo, hi]} | {choice: [v1, ...]} -> a Distribution; the
+    one reading of that syntax (`where` names the entry in the error)."""
+    if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in SEARCH_DISTRIBUTIONS:
+        raise ConfigError(f"{where} must be {{loguniform: [lo, hi]}}, {{uniform: [lo, hi]}} or "
+                          f"{{choice: [v1, v2, ...]}}, got {spec!r}")
+    kind, args = next(iter(spec.items()))
+    if kind == "choice":
+        if not isinstance(args, list) or not args:
+            raise ConfigError(f"{where}: choice must be a non-empty list of values, got {args!r}")
+        return Distribution(kind, values=tuple(args))
+    bounds = [_number(a) for a in args] if isinstance(args, list) and len(args) == 2 else [None]
+    if None in bounds:
+        raise ConfigError(f"{where}: {kind} must be [lo, hi], two numbers, got {args!r}")
+    lo, hi = bounds
+    if not lo < hi:
+        raise ConfigError(f"{where}: {kind} needs lo < hi, got [{lo:g}, {hi:g}]")
+    if kind == "loguniform" and lo <= 0:
+        raise ConfigError(f"{where}: loguniform needs bounds > 0, got [{lo:g}, {hi:g}]")
+    return Distribution(kind, low=lo, high=hi)
+
+
+def _check_search_space(config: ExperimentConfig) -> dict[str, Distribution]:
     """Every grid value, variant and search distribution is checked here, when the config loads,
     by applying it to this config: a bad one is named before any cache, run or trial exists."""
     for dotted, values in config.sweep.grid.items():
@@ -378,29 +397,15 @@ def _check_search_space(config: ExperimentConfig) -> None:
             _check_point(config, {dotted: value}, f"sweep.grid['{dotted}'][{i}]")
     for i, variant in enumerate(config.sweep.variants):
         _check_point(config, variant, f"sweep.variants[{i}]")
+    space = {}
     for dotted, spec in config.sweep.search.items():
         where = f"sweep.search['{dotted}']"
-        if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in SEARCH_DISTRIBUTIONS:
-            raise ConfigError(f"{where} must be {{loguniform: [lo, hi]}}, {{uniform: [lo, hi]}} or "
-                              f"{{choice: [v1, v2, ...]}}, got {spec!r}")
-        kind, args = next(iter(spec.items()))
-        if kind == "choice":
-            if not isinstance(args, list) or not args:
-                raise ConfigError(f"{where}: choice must be a non-empty list of values, got {args!r}")
-            points = args
-        else:
-            bounds = [_number(a) for a in args] if isinstance(args, list) and len(args) == 2 else [None]
-            if None in bounds:
-                raise ConfigError(f"{where}: {kind} must be [lo, hi], two numbers, got {args!r}")
-            lo, hi = bounds
-            if not lo < hi:
-                raise ConfigError(f"{where}: {kind} needs lo < hi, got [{lo:g}, {hi:g}]")
-            if kind == "loguniform" and lo <= 0:
-                raise ConfigError(f"{where}: loguniform needs bounds > 0, got [{lo:g}, {hi:g}]")
-            points = bounds
-            where += f" ({kind} draws floats; use choice for integers or booleans)"
-        for value in points:
+        space[dotted] = distribution = parse_distribution(where, spec)
+        if distribution.kind != "choice":
+            where += f" ({distribution.kind} draws floats; use choice for integers or booleans)"
+        for value in distribution.points():
             _check_point(config, {dotted: value}, where)
+    return space
 
 
 def _check_point(config: ExperimentConfig, overrides: dict[str, Any], where: str) -> None:

@@ -28,6 +28,7 @@ import torch
 
 from cpm_model.config import add_config_arguments
 from pipeline.cli import check_data_spec, config_from_args, report_input_errors
+from pipeline.redaction import public_config
 from pipeline.tracking.fit_tracker import FitTracker
 from cpm_model.durable import copy_durably
 from pipeline.train.checkpoint import CHECKPOINT_FILE
@@ -88,19 +89,20 @@ def main(argv: list[str] | None = None) -> int:
 
 def fit(args) -> int:
     config = config_from_args(args)
+    public = public_config(config)  # what is printed, written and logged; only the tracker connects
     if args.print_config:
-        print(config.to_yaml())
+        print(public.to_yaml())
         return 0
     check_data_spec(config)
     out = Path(args.out) if args.out else Path(DEFAULT_RUNS_DIR) / config.name
     out.mkdir(parents=True, exist_ok=True)
     # The store is checked before an earlier run's files in `out` are cleared.
-    tracker = FitTracker(config.tracking.tracking_uri, config, out, args.resume) \
+    tracker = FitTracker(config.tracking.tracking_uri, public, out, args.resume) \
         if args.track or args.tracking_uri else None
     if not args.resume:  # a fresh run: do not mix with an earlier run's rows or checkpoints
         (out / "metrics.jsonl").unlink(missing_ok=True)
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
-    (out / "config.yaml").write_text(config.to_yaml())
+    (out / "config.yaml").write_text(public.to_yaml())
     # Two newest (plus the best) as Ray's num_to_keep=2: a corrupt newest one leaves one to resume from.
     # A bar on a terminal; in a log (no terminal) a line about once a minute, for long epochs only.
     ctx = LocalContext(out, device=args.device, resume=args.resume, keep_checkpoints=2,

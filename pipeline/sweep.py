@@ -24,6 +24,7 @@ if __package__ in (None, ""):  # run as a script (`python pipeline/sweep.py`): u
 
 from cpm_model.config import ConfigError, ExperimentConfig, add_config_arguments, check_path_component  # noqa: E402
 from pipeline.cli import check_data_spec, config_from_args  # noqa: E402
+from pipeline.redaction import public_config  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -89,7 +90,7 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.print_config:
-        print(config.to_yaml())
+        print(public_config(config).to_yaml())
         return 0
     try:
         check_data_spec(config)  # in --dry-run too: a spec that cannot be read fails before Ray starts

@@ -70,6 +70,15 @@ def _config(args):
     return load_config(args.config or DEFAULT_PRESET, overrides)
 
 
+def _what_the_builder_reads(config) -> str:
+    """The config's name and the two sections a cache depends on, as YAML (the tracking section,
+    which may hold a password, is not the builder's to show)."""
+    import yaml
+
+    data = config.to_dict()
+    return yaml.safe_dump({key: data[key] for key in ("name", "data", "preprocess")}, sort_keys=False)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     if args.command == "verify":
@@ -77,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = _config(args)
         if args.print_config:
-            print(config.to_yaml(), end="")
+            print(_what_the_builder_reads(config), end="")
             return 0
         if args.max_samples is not None and args.max_samples < 1:
             raise ConfigError(f"--max-samples must be a positive integer, got {args.max_samples}")

@@ -12,8 +12,9 @@ import cv2
 import numpy as np
 import pytest
 import scipy.io
+import yaml
 
-from cpm_model.config import PreprocessConfig
+from cpm_model.config import PreprocessConfig, load_config
 from cpm_model.geometry import apply_affine
 from cpm_model.heatmaps import decode_belief_maps, input_to_heatmap, render_belief_maps
 from cpm_model.joints import LSP
@@ -472,6 +473,15 @@ def test_cli_print_config_applies_flags(capsys):
     assert cli_main(["build", "--print-config", "--size", "96", "--set", "preprocess.sigma=2"]) == 0
     out = capsys.readouterr().out
     assert "input_size: 96" in out and "sigma: 2.0" in out
+
+
+def test_cli_print_config_shows_what_a_cache_depends_on_and_no_tracking_secret(capsys):
+    assert cli_main(["build", "--print-config", "--set",
+                     "tracking.tracking_uri=postgresql://cpm:hunter2@db:5432/mlflow"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert list(printed) == ["name", "data", "preprocess"]
+    assert printed["preprocess"]["input_size"] == load_config("default").preprocess.input_size
+    assert "hunter2" not in repr(printed)
 
 
 def test_default_cache_dir_is_outside_the_repository(repo_root):

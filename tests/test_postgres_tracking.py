@@ -15,7 +15,7 @@ from mlflow import MlflowClient
 from services import LOOPBACK_ENV, mlflow_server, postgres_server
 from test_sweep_integration import sweep_env
 
-from cpm_model.config import load_config, redact_uri
+from pipeline.redaction import redact_uri
 from pipeline.tracking import store as tracking
 from pipeline.tracking.pose_model import using_tracking_uri
 
@@ -27,32 +27,7 @@ slow = pytest.mark.slow
 shared_postgres = pytest.mark.xdist_group("postgres")
 
 
-@pytest.mark.parametrize("uri, expected", [
-    ("postgresql://mlflow:secret@db.internal:5432/mlflow", "postgresql://mlflow:***@db.internal:5432/mlflow"),
-    ("postgresql+psycopg://u:p%40ss@h/db?connect_timeout=5", "postgresql+psycopg://u:***@h/db?connect_timeout=5"),
-    ("https://user:token@mlflow.example.com", "https://user:***@mlflow.example.com"),
-    ("postgresql://u@h/db?sslmode=require&password=secret", "postgresql://u@h/db?sslmode=require&password=***"),
-    ("https://mlflow.example.com/?token=abc123", "https://mlflow.example.com/?token=***"),
-    ("http://h:5000/?access_token=abc&x=1", "http://h:5000/?access_token=***&x=1"),
-    ("postgresql://u:a/b@h/db", "postgresql://u:***@h/db"),  # an unescaped '/' in the password
-])
-def test_redact_uri_masks_passwords_and_tokens(uri, expected):
-    assert redact_uri(uri) == expected
-
-
-@pytest.mark.parametrize("uri", ["http://127.0.0.1:5000", "postgresql://mlflow@db:5432/mlflow",
-                                 "sqlite:////home/u/mlflow.db", "file:///tmp/mlruns", None])
-def test_redact_uri_leaves_a_uri_without_secrets_unchanged(uri):
-    assert redact_uri(uri) is uri
-
-
-def test_config_prints_and_stores_the_tracking_uri_without_its_password():
-    config = load_config("synthetic_tiny",
-                         [f"tracking.tracking_uri=postgresql://u:{PASSWORD}@h/db"])
-    assert config.tracking.tracking_uri == f"postgresql://u:{PASSWORD}@h/db"  # the driver connects with it
-    assert config.public_dict()["tracking"]["tracking_uri"] == "postgresql://u:***@h/db"
-    assert config.flat_params()["tracking.tracking_uri"] == "postgresql://u:***@h/db"
-    assert PASSWORD not in config.to_yaml()
+# redact_uri itself, and the config's masked forms: tests/test_redaction.py.
 
 
 def test_error_text_is_scrubbed_of_the_uri_secrets():

@@ -52,6 +52,18 @@ def test_bad_grid_key_is_named():
         load_config(None, ["sweep.grid={model.stages: []}"])
 
 
+def test_tune_gets_the_distributions_parsed_when_the_config_loaded():
+    from pipeline.distributed.runner import tune_domain
+
+    config = load_config(None, ["sweep.search={train.lr: {loguniform: ['1e-4', 1.0e-2]}, "
+                                "model.width: {uniform: [0.5, 1]}, train.seed: {choice: [0, 1]}}"])
+    space = {key: tune_domain(distribution) for key, distribution in config.search_space.items()}
+    lr, width, seed = space["train.lr"], space["model.width"], space["train.seed"]
+    assert (lr.lower, lr.upper, type(lr.get_sampler()).__name__) == (1e-4, 1e-2, "_LogUniform")
+    assert (width.lower, width.upper, type(width.get_sampler()).__name__) == (0.5, 1.0, "_Uniform")
+    assert seed.categories == [0, 1]
+
+
 def one_node(**resources: float) -> dict:
     return {"nodes": [resources], "node_types": [], "max_workers": None}
 

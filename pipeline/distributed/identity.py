@@ -15,7 +15,8 @@ import secrets
 import time
 from pathlib import Path
 
-from cpm_model.config import ExperimentConfig, redact_uri
+from cpm_model.config import ExperimentConfig
+from pipeline.redaction import redact_uri
 
 IDENTITY_FILE = "cpm_sweep_identity.json"
 # Where the sweep lives, not what it is: the storage path is the directory the record is found in,

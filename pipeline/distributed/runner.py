@@ -11,7 +11,7 @@ import ray
 from mlflow import MlflowClient
 from ray import tune
 
-from cpm_model.config import ExperimentConfig
+from cpm_model.config import Distribution, ExperimentConfig
 from pipeline.distributed import identity as sweep_identity
 from pipeline.distributed.cluster_capacity import cluster_capacity
 from pipeline.distributed.interrupts import SweepStopped, stop_requested, stop_signals
@@ -20,6 +20,7 @@ from pipeline.distributed.progress import SweepProgress
 from pipeline.distributed.resources import TRIAL_DRIVER_RESOURCES, ResourceError, plan_resources
 from pipeline.distributed.space import TrialSpec
 from pipeline.distributed.trial import run_trial
+from pipeline.redaction import public_config, redact_uri
 from pipeline.tracking import store
 from pipeline.tracking.trial_logger import MLflowTrialLogger
 from pipeline.tracking.writer import SPOOL_FILE, TrackingWriter, bound_http_retries, run_ref
@@ -56,16 +57,11 @@ def latest_sweep_id(storage_path: Path, name: str) -> str:
     return candidates[-1].name
 
 
-def tune_domain(key: str, spec: dict):
-    """{'loguniform': [lo, hi]} | {'uniform': [lo, hi]} | {'choice': [...]} -> a Tune domain."""
-    if not isinstance(spec, dict) or len(spec) != 1:
-        raise SweepError(f"sweep.search['{key}'] must be one of {{loguniform|uniform: [lo, hi]}} or {{choice: [...]}}")
-    kind, args = next(iter(spec.items()))
-    if kind in ("loguniform", "uniform") and isinstance(args, list) and len(args) == 2:
-        return getattr(tune, kind)(float(args[0]), float(args[1]))
-    if kind == "choice" and isinstance(args, list) and args:
-        return tune.choice(args)
-    raise SweepError(f"sweep.search['{key}']: unknown distribution {spec!r}; use loguniform, uniform or choice")
+def tune_domain(distribution: Distribution):
+    """A search distribution (parsed and checked when the config loaded) -> its Tune domain."""
+    if distribution.kind == "choice":
+        return tune.choice(list(distribution.values))
+    return getattr(tune, distribution.kind)(distribution.low, distribution.high)  # tune.loguniform / uniform
 
 
 def build_caches(trials: list[TrialSpec]) -> dict[str, dict[str, str]]:
@@ -138,7 +134,7 @@ def run_sweep(config: ExperimentConfig, trials: list[TrialSpec], resume: str | N
         store.check_reachable(uri)  # before any trial starts
     except store.TrackingError as exc:
         raise SweepError(str(exc)) from None
-    print(f"Tracking: {store.redact_uri(uri)}\nSweep id: {sweep_id}  (checkpoints under {storage / sweep_id})",
+    print(f"Tracking: {redact_uri(uri)}\nSweep id: {sweep_id}  (checkpoints under {storage / sweep_id})",
           flush=True)
 
     connect_ray()
@@ -238,7 +234,7 @@ def _open_sweep_run(config: ExperimentConfig, uri: str, sweep_dir: Path, sweep_i
             "preset": config.name, "num_trials": num_trials, "dataset": config.data.spec,
             "grid": config.sweep.grid, "search": config.sweep.search, "resources": plan.describe(),
             "max_concurrent_trials": plan.max_concurrent_trials,
-            **config.flat_params()})
+            **public_config(config).flat_params()})
     else:  # reopened (--resume): it no longer carries how it ended before
         writer.submit({"kind": "clear_end", "run": parent_ref})
     print(f"MLflow experiment '{config.tracking.experiment}', sweep run {parent_run_id}", flush=True)
@@ -249,7 +245,7 @@ def _new_tuner(config: ExperimentConfig, specs: list[TrialSpec], trainable, logg
                sweep_id: str) -> tune.Tuner:
     param_space = {"trial": tune.grid_search([t.as_dict() for t in specs])}
     if config.sweep.search:
-        param_space["search"] = {k: tune_domain(k, v) for k, v in config.sweep.search.items()}
+        param_space["search"] = {k: tune_domain(d) for k, d in config.search_space.items()}
     scheduler = None
     if config.sweep.scheduler == "asha":
         from ray.tune.schedulers import ASHAScheduler

@@ -14,8 +14,9 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from cpm_model.config import ExperimentConfig, from_dict
+from cpm_model.config import ExperimentConfig
 from cpm_model.receptive_field import later_layout, receptive_field_px
+from pipeline.redaction import public_config
 from pipeline.train.schedule import total_epochs
 
 # Short labels for run names, in the order they appear (the paper's ablation axes first).
@@ -46,7 +47,7 @@ class TrialSpec:
     def public(self) -> "TrialSpec":
         """This spec with the tracking URI's secrets masked: the form that is handed to Tune, its
         trials and their workers (and so pickled into the sweep's state on disk)."""
-        return dataclasses.replace(self, config=from_dict(self.config.public_dict()))
+        return dataclasses.replace(self, config=public_config(self.config))
 
     def as_dict(self) -> dict[str, Any]:
         return {"overrides": self.overrides, "key": self.key, "run_name": self.run_name,

@@ -22,7 +22,7 @@ from typing import Any
 from mlflow import MlflowClient
 from mlflow.entities import Param, RunTag
 
-from cpm_model.config import REDACTED, redact_uri, uri_secrets
+from pipeline.redaction import REDACTED, redact_uri, uri_secrets
 from pipeline.tracking.errors import TrackingError
 
 SWEEP_TAG = "cpm.sweep_id"  # on the parent run

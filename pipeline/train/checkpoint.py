@@ -40,6 +40,7 @@ import torch
 
 from cpm_model.config import ConfigError, ExperimentConfig, from_dict
 from cpm_model.durable import replace_durably, temp_path_for
+from pipeline.redaction import public_config
 
 FORMAT_VERSION = 1
 CHECKPOINT_FILE = "checkpoint.pt"  # the file in every checkpoint directory (epoch_NNNN/, Ray's checkpoint_*/)
@@ -97,7 +98,7 @@ def build_checkpoint(model: torch.nn.Module, config: ExperimentConfig, epoch: in
         "format_version": FORMAT_VERSION,
         "model": _cpu_state(model.state_dict()),
         "best_model": _cpu_state(best_model_state) if best_model_state is not None else None,
-        "config": config.public_dict(),  # no password of the tracking URI in a file
+        "config": public_config(config).to_dict(),  # no password of the tracking URI in a file
         "epoch": int(epoch),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "scheduler": _plain_scheduler_state(scheduler) if scheduler is not None else None,
