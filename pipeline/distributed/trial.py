@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import ray
 import ray.train
@@ -19,7 +20,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from pipeline.distributed.resources import ResourcePlan
 from pipeline.distributed.space import TrialSpec, trial_of
-from pipeline.distributed.worker import worker_loop
+from pipeline.distributed.worker import DIVERGED_FILE, worker_loop
 from pipeline.train import metric_names as names
 from pipeline.train.scoring import protocol_for
 
@@ -75,11 +76,12 @@ def run_trial(trial_config: dict, specs: dict[str, TrialSpec], plan: ResourcePla
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
     )
+    diverged = Path(artifacts_dir) / DIVERGED_FILE
+    diverged.unlink(missing_ok=True)  # from an earlier attempt (--retry-failed)
     result = trainer.fit()
-    diverged = (result.metrics or {}).get(names.DIVERGED)
-    if diverged:  # the workers' last row: their loss stopped being finite (pipeline.distributed.worker)
+    if diverged.is_file():
         from pipeline.train.loop import TrainingDivergedError
-        raise TrainingDivergedError(diverged)
+        raise TrainingDivergedError(diverged.read_text())
     # Tell the driver where the artifacts and the best checkpoint are (it logs them to MLflow).
     best_epoch = result.metrics.get(names.BEST_EPOCH) if result.metrics else None
     best = next((cp for cp, row in result.best_checkpoints if row.get(names.EPOCH) == best_epoch), None)

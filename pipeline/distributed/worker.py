@@ -14,7 +14,8 @@ from pathlib import Path
 import ray
 
 from cpm_model.config import from_dict
-from pipeline.train import metric_names as names
+
+DIVERGED_FILE = "diverged.txt"  # in a trial's artifacts directory: why its loss stopped being finite
 
 
 def worker_loop(loop_config: dict) -> None:
@@ -39,9 +40,13 @@ def worker_loop(loop_config: dict) -> None:
         result = train_worker(config, ctx, progress=False, cache_paths=cache_paths)
     except TrainingDivergedError as exc:
         # Raised, it would make Ray Train restart the worker group (sweep.max_failures), which
-        # would diverge again. Every rank got it (from the all-reduced loss): all end normally with
-        # a last row that carries the message; run_trial reads it from the result and fails the trial.
-        ctx.report({names.DIVERGED: str(exc)})
+        # would diverge again. Every rank got it (from the all-reduced loss): all end normally and
+        # the chief leaves the message for run_trial, which fails the trial with it. A file, not a
+        # last reported row: Ray Train's Result carries only the metrics of the last checkpoint.
+        if ctx.is_chief:
+            directory = Path(loop_config["artifacts_dir"])
+            directory.mkdir(parents=True, exist_ok=True)
+            (directory / DIVERGED_FILE).write_text(str(exc))
         return
     if ctx.is_chief:  # the run's storage is shared by every node, so the chief writes there directly
         _write_artifacts(Path(loop_config["artifacts_dir"]), result, config)

@@ -39,7 +39,6 @@ BEST_PREFIX = "best_"  # best_{key}: the value of {key} at the best epoch
 TEST_PREFIX = "test_"
 
 RESENT = "resent"  # on a row a restored worker sends again (1): its epoch was reported before
-DIVERGED = "diverged"  # on a worker's last row when its loss stopped being finite: the message
 
 # The row a trial driver adds after its Train run: where its artifacts and best checkpoint are.
 ARTIFACTS_DIR = "artifacts_dir"
