@@ -5,6 +5,9 @@ from a data spec, cached, trained, scored and reported by the project's own comm
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -19,7 +22,7 @@ from pipeline.train import metric_names as names
 from pipeline.train.inference import decode_all_stages, image_tensor, load_trained_model, predict_crops
 from pipeline.train.scoring import protocol_for
 from preprocessing import crops
-from preprocessing.build import build_cache
+from preprocessing.build import build_cache, cache_path_for
 from preprocessing.cache import PoseCache
 from preprocessing.datasets import registry
 from preprocessing.datasets.base import DatasetError, PoseSample, check_index, read_rgb_image
@@ -184,3 +187,22 @@ def test_the_kind_is_trained_scored_and_reported_by_the_commands(toy_kind, toy_r
     assert report["pckh"] == pytest.approx(mean, abs=1e-9)
     assert list(report["pckh_per_joint"].values()) == pytest.approx(per_joint, abs=1e-9)
     assert summary["test_pckh"] == pytest.approx(mean, abs=1e-6)  # the fit's own test row, same weights
+
+
+def test_an_installed_plugin_makes_the_kind_known_to_another_process(toy_kind, toy_root, tmp_path):
+    """A subprocess (a command, a sweep's worker) knows only the kinds of installed entry points."""
+    plugin = tmp_path / "site" / "toy_poses-0.1.dist-info"
+    plugin.mkdir(parents=True)
+    (plugin / "METADATA").write_text("Metadata-Version: 2.1\nName: toy-poses\nVersion: 0.1\n")
+    (plugin / "entry_points.txt").write_text(f"[{registry.PLUGIN_GROUP}]\ntoy = {__name__}:TOY\n")
+    here = Path(__file__).resolve().parent  # this module (the plugin's code) and the project above it
+    paths = [str(here.parent), str(here), str(tmp_path / "site"), os.environ.get("PYTHONPATH", "")]
+    command = [sys.executable, "-m", "preprocessing", "build", "--data", f"toy:{toy_root}", "--split", "test",
+               "--size", "64", "--workers", "1", "--out", str(tmp_path / "cache"), "--quiet"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)})
+    assert done.returncode == 0, done.stderr
+    config = load_config(None, [f"data.spec=toy:{toy_root}", "preprocess.input_size=64"])
+    expected = cache_path_for(parse_data_spec(config.data.spec), "test", config.preprocess, tmp_path / "cache")
+    assert f"built\ttest\t{expected}" in done.stdout  # the same cache key in both processes
+    assert expected.is_file() and PoseCache(expected).joint_names == list(TOY_JOINTS.names)

@@ -8,11 +8,21 @@ raises DatasetError naming the known kinds for any other name.
 
 Adding a dataset: a module with its reader and one `register(DatasetKind(...))` call, run when
 that module is imported. The reader's `identity()["type"]` and `joint_set` must be the kind's
-name and joint set (the cache builder looks a dataset's kind up by that type).
+name and joint set (the cache builder looks a dataset's kind up by that type). A kind registered
+in one process is unknown to the others (the commands, a sweep's workers); an installed package
+makes it known to every process with an entry point in the group PLUGIN_GROUP that names its
+DatasetKind, e.g. in its pyproject.toml:
+
+    [project.entry-points."cpm_pipeline.datasets"]
+    toy = "toy_poses.reader:KIND"
+
+The entry points are read once, when a name is not (yet) registered or the known names are listed.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
 import re
 from dataclasses import dataclass
 from typing import Callable
@@ -25,6 +35,7 @@ from .lsp import LSPDataset
 from .lspet import LSPETDataset
 from .mpii import MPIIDataset
 
+PLUGIN_GROUP = "cpm_pipeline.datasets"
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")  # no ':' or '+': those separate the items of a data spec
 
 
@@ -64,14 +75,31 @@ def unregister(name: str) -> None:
     _KINDS.pop(name, None)
 
 
+@functools.cache
+def load_plugins() -> None:
+    """Register the DatasetKind that each installed entry point of PLUGIN_GROUP names (once)."""
+    for entry in importlib.metadata.entry_points(group=PLUGIN_GROUP):
+        try:
+            kind = entry.load()
+        except Exception as exc:  # whatever the plugin's import raises: name the plugin
+            raise DatasetError(f"dataset plugin '{entry.name} = {entry.value}' cannot be loaded: {exc}") from exc
+        if not isinstance(kind, DatasetKind) or kind.name != entry.name:
+            raise DatasetError(f"dataset plugin '{entry.name} = {entry.value}' names {kind!r}; expected "
+                               f"the DatasetKind named '{entry.name}'")
+        register(kind)
+
+
 def known_names() -> tuple[str, ...]:
-    """The registered kinds' names, in the order they were registered."""
+    """The registered kinds' names, in the order they were registered (installed plugins last)."""
+    load_plugins()
     return tuple(_KINDS)
 
 
 def kind_named(name: str, where: str = "") -> DatasetKind:
     """The registered kind `name`; DatasetError naming the known ones otherwise (`where` goes after
     the name in that message, e.g. " in data spec 'coco:/x'")."""
+    if name not in _KINDS:
+        load_plugins()
     if name not in _KINDS:
         raise DatasetError(f"unknown dataset '{name}'{where}; known: {list(_KINDS)}")
     return _KINDS[name]
