@@ -24,8 +24,8 @@ from __future__ import annotations
 import functools
 import importlib.metadata
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from cpm_model.joints import LSP, MPII, JointSet
 from cpm_model.metrics import PCK, PCKH, Protocol
