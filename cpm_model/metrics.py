@@ -15,6 +15,8 @@ shards exactly.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from .geometry import STRIDE, apply_affine
@@ -23,6 +25,23 @@ from .heatmaps import decode_belief_maps
 # PCK curve for the AUC: alpha = 0, 0.01, ..., 0.5 (51 points, exactly the decimals k / 100),
 # integrated with the trapezoid rule.
 PCK_CURVE_ALPHAS = np.round(np.linspace(0.0, 0.5, 51), 4)
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How a dataset's predictions are scored: the metric's key, the cache array that normalises
+    the distances, its threshold (and a stricter one), and how tables name it."""
+
+    name: str  # the metric's key: "pck" (LSP's torso convention) or "pckh" (MPII's head convention)
+    normaliser: str  # the cache array: "torso" or "head_size" (0.6 x the head box's diagonal)
+    alpha: float
+    strict_alpha: float
+    label: str
+
+
+PCK = Protocol("pck", "torso", 0.2, 0.1, "PCK@0.2 (torso)")
+PCKH = Protocol("pckh", "head_size", 0.5, 0.1, "PCKh@0.5")
+PROTOCOLS = {p.name: p for p in (PCK, PCKH)}
 
 
 def _scored(pred, gt, visible, norm) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

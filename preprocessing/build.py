@@ -82,7 +82,7 @@ def num_workers(preprocess: PreprocessConfig) -> int:
 
 
 def dataset_kinds(dataset: PoseDataset) -> list[str]:
-    """Kind of each member dataset ('lspet', ...); one entry for a plain dataset."""
+    """Kind of each member dataset ('lspet', ...); one entry for a plain dataset (unchecked)."""
     members = getattr(dataset, "members", None)
     if members:
         return [m.identity().get("type", "") for m in members]
@@ -90,17 +90,18 @@ def dataset_kinds(dataset: PoseDataset) -> list[str]:
 
 
 def preprocess_sample(dataset: PoseDataset, index: int, split: str, preprocess: PreprocessConfig,
-                      kinds: list[str]) -> dict[str, np.ndarray]:
-    """One cache row (see preprocessing.cache for the fields); raises SampleSkipped."""
+                      ratios: list[float]) -> dict[str, np.ndarray]:
+    """One cache row (see preprocessing.cache for the fields); raises SampleSkipped. `ratios`: the
+    person-to-image ratio of each member dataset's kind."""
     sample = dataset.sample(index)
     image = dataset.load_image(index)
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise SampleSkipped("unreadable_image", f"{sample.image_path}: expected RGB uint8, got "
                                                 f"{image.dtype} {image.shape}")
     image_hw = image.shape[:2]
-    kind = kinds[sample.extras.get("member", 0)] if len(kinds) > 1 else kinds[0]
+    ratio = ratios[sample.extras.get("member", 0)] if len(ratios) > 1 else ratios[0]
     size = preprocess.input_size
-    to_crop = crops.person_crop(sample, image_hw, split, preprocess.train_crop, preprocess.crop_context, size, kind)
+    to_crop = crops.person_crop(sample, image_hw, split, preprocess.train_crop, preprocess.crop_context, size, ratio)
     joints_original = np.asarray(sample.joints, dtype=np.float64)
     joints = crops.crop_joints(joints_original, to_crop, size)
     return {
@@ -120,19 +121,19 @@ def preprocess_sample(dataset: PoseDataset, index: int, split: str, preprocess: 
 _WORKER: dict = {}
 
 
-def _init_worker(dataset, split, preprocess, kinds) -> None:
+def _init_worker(dataset, split, preprocess, ratios) -> None:
     import torch
 
     torch.set_num_threads(1)  # one process per core already
     cv2.setNumThreads(1)
-    _WORKER.update(dataset=dataset, split=split, preprocess=preprocess, kinds=kinds)
+    _WORKER.update(dataset=dataset, split=split, preprocess=preprocess, ratios=ratios)
 
 
 def _work(index: int):
     """('ok', row) or ('skip', reason, message); any other exception fails the build."""
     try:
         return "ok", preprocess_sample(_WORKER["dataset"], int(index), _WORKER["split"], _WORKER["preprocess"],
-                                       _WORKER["kinds"])
+                                       _WORKER["ratios"])
     except SampleSkipped as skip:
         return "skip", skip.reason, str(skip)
 
@@ -171,7 +172,7 @@ def _ordered_results(executor: ProcessPoolExecutor, chunks: list, in_flight: int
 
 
 @contextmanager
-def _results(dataset, indices, split, preprocess, kinds, workers: int):
+def _results(dataset, indices, split, preprocess, ratios, workers: int):
     """Iterator of _work results in the order of `indices`.
 
     A ProcessPoolExecutor rather than multiprocessing.Pool: Pool.terminate() can hang when a
@@ -180,14 +181,14 @@ def _results(dataset, indices, split, preprocess, kinds, workers: int):
     if workers <= 1 or len(indices) <= 1:
         # In the caller's process: leave its thread settings alone (cv2.setNumThreads also hangs
         # in a process forked while OpenCV's pool was busy).
-        _WORKER.update(dataset=dataset, split=split, preprocess=preprocess, kinds=kinds)
+        _WORKER.update(dataset=dataset, split=split, preprocess=preprocess, ratios=ratios)
         yield (_work(i) for i in indices)
         return
     size = max(1, min(8, len(indices) // (4 * workers)))
     chunks = [[int(i) for i in indices[start:start + size]] for start in range(0, len(indices), size)]
     in_flight = max(2 * workers, WRITE_BLOCK * IN_FLIGHT_BLOCKS // size)
     executor = ProcessPoolExecutor(workers, mp_context=_pool_context(), initializer=_init_worker,
-                                   initargs=(dataset, split, preprocess, kinds))
+                                   initargs=(dataset, split, preprocess, ratios))
     try:
         yield _ordered_results(executor, chunks, in_flight)
     finally:
@@ -224,13 +225,14 @@ def _check_samples(dataset: PoseDataset, indices: np.ndarray) -> None:
 
 def _write_cache(dataset, label: str, split, indices, preprocess, final_path, strict, progress, extra) -> Path:
     joint_set = dataset.joint_set
-    kinds = dataset_kinds(dataset)
+    # Looked up here: a worker process may not know a kind registered in this one.
+    ratios = [crops.person_to_image_ratio(kind) for kind in dataset_kinds(dataset)]
     workers = min(num_workers(preprocess), max(1, len(indices)))
     skips = _Skips(f"{label} split '{split}'", strict)
     tmp_path = temp_path_for(final_path)
     writer = None
     try:
-        with _results(dataset, indices, split, preprocess, kinds, workers) as results:
+        with _results(dataset, indices, split, preprocess, ratios, workers) as results:
             writer = CacheWriter(tmp_path, joint_set.num_parts, preprocess.input_size, len(indices))
             bar = _progress_bar(results, final_path, len(indices), workers, progress)
             without_torso = _append_results(bar, writer, skips)
@@ -320,9 +322,9 @@ def _resolve_dataset(data_spec) -> tuple[PoseDataset, str]:
     return data_spec, repr(data_spec)
 
 
-def _cache_extra(max_samples: int | None) -> dict:
+def _cache_extra(dataset: PoseDataset, max_samples: int | None) -> dict:
     """Content-determining inputs beyond the settings: the crop rule's constants, a sample cap."""
-    extra = {"crop_rule": crops.crop_rule_constants()}
+    extra = {"crop_rule": crops.crop_rule_constants(dataset_kinds(dataset))}
     if max_samples is not None:
         extra["max_samples"] = int(max_samples)
     return extra
@@ -332,7 +334,7 @@ def cache_path_for(dataset: PoseDataset, split: str, preprocess: PreprocessConfi
                    max_samples: int | None = None) -> Path:
     """Where the cache of (dataset, split, settings) lives, whether or not it exists yet."""
     identity = dataset.identity()
-    key = cache_key(identity, split, content_settings(preprocess), _cache_extra(max_samples))
+    key = cache_key(identity, split, content_settings(preprocess), _cache_extra(dataset, max_samples))
     directory = Path(os.path.expanduser(os.fspath(cache_dir)))
     return directory / cache_file_name(identity, split, preprocess.input_size, key)
 
@@ -389,7 +391,7 @@ def _build_one(dataset, label, split, preprocess, cache_dir, strict, progress, m
             warnings.warn(message, DamagedCacheRebuiltWarning, stacklevel=4)
         # The new file replaces the damaged one atomically (readers that have it open keep the old inode).
         _write_cache(dataset, label, split, indices, preprocess, final_path, strict, progress,
-                     _cache_extra(max_samples))
+                     _cache_extra(dataset, max_samples))
         return final_path, False
 
 

@@ -13,7 +13,8 @@ Evaluation crops (val / test, and train with `train_crop == "image"`) never look
       side = crop_context x MPII_PERSON_PX_PER_SCALE x scale (crop_context 1.25 gives the
       200 x scale x 1.25 box of HRNet / MMPose);
     - otherwise (LSP / LSPET / synthetic, person-centred images): centre = image centre,
-      side = crop_context x r x max(H, W), r = PERSON_TO_IMAGE_RATIO[dataset kind].
+      side = crop_context x r x max(H, W), r = the dataset kind's person_to_image_ratio
+      (preprocessing.datasets.registry).
 
 r is measured so that a person has, in the median, the same size in an evaluation crop as in a
 training crop (both then show the person at about 1 / crop_context of the crop side).
@@ -33,8 +34,8 @@ reader, 7,139 images) gives 0.393 (mean 0.415, std of log r 0.41).
 The embedded synthetic figures are larger in their images: r = 0.669 on the train split of the
 default set (generator version 2; 1,583 of 2,000 images, std of log r 0.11). LSP (the original
 2,000 images, scaled so that the person is about 150 px long, like LSPET) is not at hand here and
-takes LSPET's value; any other kind without a measured value does too
-(DEFAULT_PERSON_TO_IMAGE_RATIO).
+takes LSPET's value, as does an MPII person without a rough centre and scale
+(DEFAULT_PERSON_TO_IMAGE_RATIO). A kind of unknown name is an error.
 
 The price of matching scale: LSPET images leave the person off-centre (5-95% of the box centre's
 offset from the image centre: +-0.16 x max(H, W) in x, -0.20..+0.10 in y), so a tight evaluation
@@ -50,15 +51,17 @@ annotated joint inside the image, raises SampleSkipped (no crop can show that pe
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from cpm_model.geometry import apply_affine, crop_affine
 
+from .datasets import registry
 from .datasets.base import PoseSample, SampleSkipped
 
-# Median of max(joint-bbox side) / max(image H, W) per dataset kind (see the module docstring).
-PERSON_TO_IMAGE_RATIO = {"lspet": 0.392, "lsp": 0.392, "synthetic": 0.669}
-DEFAULT_PERSON_TO_IMAGE_RATIO = PERSON_TO_IMAGE_RATIO["lspet"]
+# For a kind whose entry has no ratio of its own (MPII: its people carry a rough centre and scale).
+DEFAULT_PERSON_TO_IMAGE_RATIO = registry.LSPET_PERSON_TO_IMAGE_RATIO
 # MPII's scale is the person's height / 200 px.
 MPII_PERSON_PX_PER_SCALE = 200.0
 # A person whose annotated joints span less than this is too small to learn from.
@@ -94,8 +97,10 @@ def training_crop_side(bbox_side: float, crop_context: float) -> float:
 
 
 def person_to_image_ratio(dataset_kind: str) -> float:
-    """Median person size / max(H, W) for person-centred images of this kind of dataset."""
-    return PERSON_TO_IMAGE_RATIO.get(dataset_kind, DEFAULT_PERSON_TO_IMAGE_RATIO)
+    """Median person size / max(H, W) for person-centred images of this kind of dataset (its
+    registry entry's); DatasetError naming the known kinds for an unknown one."""
+    ratio = registry.kind_named(dataset_kind).person_to_image_ratio
+    return DEFAULT_PERSON_TO_IMAGE_RATIO if ratio is None else ratio
 
 
 def image_crop_side(image_hw: tuple[int, int], crop_context: float, person_ratio: float) -> float:
@@ -145,13 +150,14 @@ def uses_training_crop(split: str, train_crop: str) -> bool:
 
 
 def person_crop(sample: PoseSample, image_hw: tuple[int, int], split: str, train_crop: str,
-                crop_context: float, out_size: int, dataset_kind: str) -> np.ndarray:
-    """The crop protocol for one sample: ORIGINAL -> CROP affine, or SampleSkipped."""
+                crop_context: float, out_size: int, person_ratio: float) -> np.ndarray:
+    """The crop protocol for one sample: ORIGINAL -> CROP affine, or SampleSkipped. `person_ratio`:
+    `person_to_image_ratio` of the sample's dataset kind (looked up by the caller, so that a worker
+    process needs no registry entry)."""
     if uses_training_crop(split, train_crop):
         return training_crop(sample.joints, image_hw, crop_context, out_size, sample.image_path)
     check_croppable(sample.joints, image_hw, sample.image_path)
-    return evaluation_crop(image_hw, crop_context, out_size, sample.center, sample.scale,
-                           person_to_image_ratio(dataset_kind))
+    return evaluation_crop(image_hw, crop_context, out_size, sample.center, sample.scale, person_ratio)
 
 
 def crop_joints(joints_original: np.ndarray, affine: np.ndarray, input_size: int) -> np.ndarray:
@@ -171,10 +177,15 @@ def warp_image(image: np.ndarray, affine: np.ndarray, input_size: int) -> np.nda
                           borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0))
 
 
-def crop_rule_constants() -> dict:
-    """The constants that change crop content: part of every cache's identity."""
+def crop_rule_constants(dataset_kinds: Sequence[str] = ()) -> dict:
+    """The constants that change crop content: part of every cache's identity. The ratios are the
+    built-in kinds' (every cache key has held them, so their caches keep their names) and those of
+    `dataset_kinds`, the kinds of the cached dataset."""
+    ratios = {kind.name: kind.person_to_image_ratio
+              for kind in (*registry.BUILTIN, *map(registry.kind_named, dataset_kinds))
+              if kind.person_to_image_ratio is not None}
     return {
-        "person_to_image_ratio": PERSON_TO_IMAGE_RATIO,
+        "person_to_image_ratio": ratios,
         "default_person_to_image_ratio": DEFAULT_PERSON_TO_IMAGE_RATIO,
         "mpii_person_px_per_scale": MPII_PERSON_PX_PER_SCALE,
         "min_person_side_px": MIN_PERSON_SIDE_PX,

@@ -3,6 +3,7 @@
 Grammar:
     spec    := dataset ('+' dataset)*
     dataset := 'lspet:' PATH | 'lsp:' PATH | 'mpii:' PATH | 'synthetic' | 'synthetic:' N
+               | any other kind of preprocessing.datasets.registry
 The name is split from its argument at the FIRST ':' only, so PATH may contain ':' (it may not
 contain '+'). PATH has ~ expanded and is made absolute. '+' joins datasets of one joint set into a
 ConcatDataset (e.g. 'lsp:/data/lsp+lspet:/data/lspet', the paper's 11,000-image LSP training set).
@@ -19,13 +20,8 @@ import numpy as np
 from cpm_model.joints import JointSet
 
 from .datasets.base import DatasetError, PoseDataset, PoseSample, check_index
-from .datasets.lsp import LSPDataset
-from .datasets.lspet import LSPETDataset
-from .datasets.mpii import MPIIDataset
+from .datasets.registry import DatasetKind, kind_named, known_names, open_dataset
 from .datasets.splits import check_split
-
-PATH_READERS = {"lspet": LSPETDataset, "lsp": LSPDataset, "mpii": MPIIDataset}
-KNOWN_NAMES = (*PATH_READERS, "synthetic")
 
 
 class ConcatDataset:
@@ -84,41 +80,34 @@ def same_joint_set(a: JointSet, b: JointSet) -> bool:
     return a.name == b.name and a.names == b.names
 
 
+def kind_names(spec: str) -> list[str]:
+    """The kind name of each item of a spec: ['lsp', 'lspet'] for 'lsp:/a+lspet:/b' (unchecked)."""
+    return [part.partition(":")[0].strip().lower() for part in spec.split("+")]
+
+
+def first_kind(spec: str) -> DatasetKind:
+    """The registered kind of a spec's first dataset: it decides the spec's scoring protocol."""
+    name = kind_names(spec)[0]
+    return kind_named(name, f" in data spec '{spec}'")
+
+
 def parse_one(part: str) -> PoseDataset:
     """One 'name[:argument]' item of a spec."""
     name, has_argument, argument = part.partition(":")
-    name = name.strip().lower()
-    if name in PATH_READERS:
-        if not argument.strip():
-            raise DatasetError(f"data spec '{part}' needs a path: '{name}:PATH'")
-        path = os.path.abspath(os.path.expanduser(argument.strip()))
-        return PATH_READERS[name](path)
-    if name == "synthetic":
-        return make_synthetic(argument.strip() if has_argument else None, part)
-    raise DatasetError(f"unknown dataset '{name}' in data spec '{part}'; known: {list(KNOWN_NAMES)}")
-
-
-def make_synthetic(count_text: str | None, part: str) -> PoseDataset:
-    kwargs = {}
-    if count_text is not None:
-        try:
-            kwargs["num_samples"] = int(count_text)
-        except ValueError:
-            kwargs["num_samples"] = 0
-        if kwargs["num_samples"] < 1:
-            raise DatasetError(f"data spec '{part}': expected 'synthetic:N' with N a positive integer")
-    try:  # imported here so the file readers work without the generator module
-        from .datasets.synthetic import SyntheticDataset
-    except ImportError as exc:
-        raise DatasetError(f"data spec '{part}': the synthetic dataset is not available ({exc})") from exc
-    return SyntheticDataset(**kwargs)
+    kind = kind_named(name.strip().lower(), f" in data spec '{part}'")
+    argument = argument.strip() if has_argument else None
+    if kind.takes_path:
+        if not argument:
+            raise DatasetError(f"data spec '{part}' needs a path: '{kind.name}:PATH'")
+        argument = os.path.abspath(os.path.expanduser(argument))
+    return open_dataset(kind, argument)
 
 
 def parse_data_spec(spec: str) -> PoseDataset:
     """The dataset named by `spec` (see the module docstring); '+' gives a ConcatDataset."""
     if not isinstance(spec, str) or not spec.strip():
         raise DatasetError(f"empty data spec {spec!r}; expected e.g. 'lspet:PATH' or 'synthetic'; "
-                           f"known: {list(KNOWN_NAMES)}")
+                           f"known: {list(known_names())}")
     parts = [part.strip() for part in spec.split("+")]
     if any(not part for part in parts):
         raise DatasetError(f"data spec {spec!r} has an empty item around '+'")

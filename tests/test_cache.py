@@ -18,9 +18,11 @@ from cpm_model.config import PreprocessConfig, load_config
 from cpm_model.geometry import apply_affine
 from cpm_model.heatmaps import decode_belief_maps, input_to_heatmap, render_belief_maps
 from cpm_model.joints import LSP
+from cpm_model.metrics import PCK
 from preprocessing.__main__ import main as cli_main
 from preprocessing.build import SkippedSamplesWarning, build_cache, build_caches_with_status, cache_path_for
 from preprocessing.cache import PoseCache, raw_row_offsets
+from preprocessing.datasets import registry
 from preprocessing.datasets.base import DatasetError, PoseSample, SampleSkipped
 
 SIZE = 128
@@ -111,6 +113,14 @@ class FakeDataset:
         if image is None:
             raise SampleSkipped("unreadable_image", f"img{index}.png: not decodable")
         return image[:, :, ::-1].copy()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def fake_kind():
+    """FakeDataset's kind, registered as a new dataset would be, for as long as these tests run."""
+    registry.register(registry.DatasetKind("fake", FakeDataset, LSP, PCK, person_to_image_ratio=0.5))
+    yield
+    registry.unregister("fake")
 
 
 def h5_files(directory: Path) -> list[Path]:

@@ -8,7 +8,7 @@ from PIL import Image
 
 from cpm_model.geometry import apply_affine, crop_affine
 from preprocessing import crops
-from preprocessing.datasets.base import PoseSample, SampleSkipped
+from preprocessing.datasets.base import DatasetError, PoseSample, SampleSkipped
 
 
 def make_joints(points, flags=None) -> np.ndarray:
@@ -67,23 +67,36 @@ def test_evaluation_protocol_never_looks_at_the_joints(split, train_crop):
     for _ in range(3):
         joints = make_joints(rng.uniform(20, 180, size=(14, 2)))
         sample = PoseSample(index=0, image_path="im.jpg", joints=joints)
-        affines.append(crops.person_crop(sample, (200, 240), split, train_crop, 1.3, 128, "lspet"))
+        affines.append(crops.person_crop(sample, (200, 240), split, train_crop, 1.3, 128, 0.392))
     np.testing.assert_array_equal(affines[0], affines[1])
     np.testing.assert_array_equal(affines[0], affines[2])
-    assert crop_side(affines[0], 128) == pytest.approx(1.3 * crops.PERSON_TO_IMAGE_RATIO["lspet"] * 240)
+    assert crop_side(affines[0], 128) == pytest.approx(1.3 * 0.392 * 240)
 
 
 def test_training_split_with_bbox_crops_follows_the_joints():
     joints = make_joints([[50, 60], [90, 160]])
     sample = PoseSample(index=0, image_path="im.jpg", joints=joints)
-    affine = crops.person_crop(sample, (200, 240), "train", "bbox", 1.3, 128, "lspet")
+    affine = crops.person_crop(sample, (200, 240), "train", "bbox", 1.3, 128, 0.392)
     assert crop_side(affine, 128) == pytest.approx(130.0)
 
 
-def test_unknown_dataset_kinds_take_the_lspet_ratio():
-    assert crops.person_to_image_ratio("lspet") == 0.392
-    assert crops.person_to_image_ratio("somethingelse") == crops.DEFAULT_PERSON_TO_IMAGE_RATIO == 0.392
+def test_each_kind_has_its_ratio_and_an_unknown_kind_is_an_error():
+    assert crops.person_to_image_ratio("lspet") == crops.person_to_image_ratio("lsp") == 0.392
     assert crops.person_to_image_ratio("synthetic") == 0.669
+    # MPII crops around each person's rough centre and scale; one without them takes LSPET's ratio.
+    assert crops.person_to_image_ratio("mpii") == crops.DEFAULT_PERSON_TO_IMAGE_RATIO == 0.392
+    with pytest.raises(DatasetError, match=r"unknown dataset 'somethingelse'; known: \['lspet', 'lsp', 'mpii'"):
+        crops.person_to_image_ratio("somethingelse")
+
+
+def test_the_crop_rule_in_cache_keys_is_unchanged_for_the_builtin_kinds():
+    """These constants are hashed into every cache's file name: the built-in kinds' caches keep
+    their names whichever kinds are cached (an added kind adds its own ratio to its own caches)."""
+    expected = {"person_to_image_ratio": {"lspet": 0.392, "lsp": 0.392, "synthetic": 0.669},
+                "default_person_to_image_ratio": 0.392, "mpii_person_px_per_scale": 200.0,
+                "min_person_side_px": 8.0, "min_crop_side_px": 32.0}
+    for kinds in ([], ["lspet"], ["lsp", "lspet"], ["mpii"], ["synthetic"]):
+        assert crops.crop_rule_constants(kinds) == expected
 
 
 def median_person_to_image_ratio(dataset, indices, image_hw_of) -> float:
@@ -109,8 +122,8 @@ def test_lspet_ratio_is_the_median_over_the_train_split(lspet_dir):
 
     median = median_person_to_image_ratio(dataset, train, image_hw)
     assert len(train) > 7000
-    assert median == pytest.approx(crops.PERSON_TO_IMAGE_RATIO["lspet"], abs=0.005), \
-        "the LSPET train split changed: re-measure PERSON_TO_IMAGE_RATIO['lspet']"
+    assert median == pytest.approx(crops.person_to_image_ratio("lspet"), abs=0.005), \
+        "the LSPET train split changed: re-measure the lspet entry's person_to_image_ratio"
 
 
 def test_synthetic_ratio_is_the_median_over_the_train_split():
@@ -119,8 +132,8 @@ def test_synthetic_ratio_is_the_median_over_the_train_split():
     dataset = SyntheticDataset(num_samples=2000, seed=0)
     median = median_person_to_image_ratio(dataset, dataset.split_indices("train"),
                                           lambda index: (dataset.image_size, dataset.image_size))
-    assert median == pytest.approx(crops.PERSON_TO_IMAGE_RATIO["synthetic"], abs=0.005), \
-        "the synthetic generator changed the person size: re-measure PERSON_TO_IMAGE_RATIO['synthetic']"
+    assert median == pytest.approx(crops.person_to_image_ratio("synthetic"), abs=0.005), \
+        "the synthetic generator changed the person size: re-measure the synthetic entry's person_to_image_ratio"
 
 
 def test_crop_joints_and_warp_image_apply_the_same_affine():

@@ -13,7 +13,8 @@ import scipy.io
 
 from cpm_model.joints import LSP
 from preprocessing.datasets import DatasetError, LSPDataset, LSPETDataset, MPIIDataset
-from preprocessing.spec import KNOWN_NAMES, ConcatDataset, parse_data_spec
+from preprocessing.datasets.registry import known_names
+from preprocessing.spec import ConcatDataset, parse_data_spec
 
 
 def make_lspet_dir(root: Path, lspet_dir: Path, count: int) -> Path:
@@ -136,7 +137,7 @@ def test_bad_specs(spec, expected):
 
 
 def test_known_names():
-    assert KNOWN_NAMES == ("lspet", "lsp", "mpii", "synthetic")
+    assert known_names() == ("lspet", "lsp", "mpii", "synthetic")
 
 
 def test_missing_path_is_named(tmp_path):

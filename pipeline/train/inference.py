@@ -190,8 +190,10 @@ def joint_records(joint_names: Sequence[str], joints: np.ndarray, confidence: np
 
 
 def dataset_kind(spec: str) -> str:
-    """'lspet' from 'lspet:/data/lspet' (the first dataset of a '+' spec)."""
-    return spec.split("+")[0].split(":")[0].strip().lower()
+    """'lspet' from 'lspet:/data/lspet' (the first dataset of a '+' spec; unchecked)."""
+    from preprocessing.spec import kind_names
+
+    return kind_names(spec)[0]
 
 
 def evaluation_crop(config: ExperimentConfig, image: np.ndarray,

@@ -7,29 +7,16 @@ An epoch row carries `train_loss`; summary rows (the test split, the artifacts) 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
-
-@dataclass(frozen=True)
-class Protocol:
-    """How a dataset's predictions are scored: the metric's key, the cache array that normalises
-    the distances, its threshold (and a stricter one), and how tables name it."""
-
-    name: str  # the metric's key: "pck" (LSP's torso convention) or "pckh" (MPII's head convention)
-    normaliser: str  # the cache array: "torso" or "head_size" (0.6 x the head box's diagonal)
-    alpha: float
-    strict_alpha: float
-    label: str
-
-
-PCK = Protocol("pck", "torso", 0.2, 0.1, "PCK@0.2 (torso)")
-PCKH = Protocol("pckh", "head_size", 0.5, 0.1, "PCKh@0.5")
-PROTOCOLS = {p.name: p for p in (PCK, PCKH)}
+from cpm_model.metrics import PCK, PCKH, PROTOCOLS, Protocol  # noqa: F401  (read from here by the rest)
 
 
 def protocol_of(dataset_kind: str) -> Protocol:
-    """MPII is scored with PCKh@0.5; LSP, LSPET and the synthetic set with the torso PCK@0.2."""
-    return PCKH if dataset_kind == "mpii" else PCK
+    """The scoring protocol of a registered dataset kind (PCKh@0.5 for MPII, the torso PCK@0.2 for
+    LSP, LSPET and the synthetic set); DatasetError naming the known kinds for any other."""
+    from preprocessing.datasets.registry import kind_named  # here: naming metrics needs no reader
+
+    return kind_named(dataset_kind).protocol
 
 
 EPOCH = "epoch"

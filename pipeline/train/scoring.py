@@ -4,7 +4,7 @@
 The protocol (shared by validation, the test split and `pipeline.evaluate`): every stage's belief
 maps are decoded (arg-max with sub-pixel refinement), mapped back to ORIGINAL image pixels through
 the cache's crop -> original affine, and scored against the original annotation under the dataset's
-protocol (`metric_names.protocol_of`): LSP's PCK@0.2 with the torso normaliser (left shoulder -
+protocol (its entry in `preprocessing.datasets.registry`): LSP's PCK@0.2 with the torso normaliser (left shoulder -
 right hip, else the other diagonal), or MPII's PCKh@0.5 with the head size (0.6 x the head box's
 diagonal); samples without the normaliser are left out and counted. Evaluation crops use no ground
 truth (see preprocessing.crops).
@@ -21,14 +21,16 @@ import torch
 from cpm_model.metrics import PCKCounts
 from pipeline.formatting import percent
 from pipeline.train import metric_names as names
-from pipeline.train.inference import dataset_kind, decode_all_stages, predict_crops
+from pipeline.train.inference import decode_all_stages, predict_crops
 
 TEST_CURVE_ALPHAS = [round(0.05 * i, 2) for i in range(11)]  # 0 to 0.5, a subset of PCK_CURVE_ALPHAS
 
 
 def protocol_for(config) -> names.Protocol:
-    """The scoring protocol of a config's dataset (its first, for a '+' spec)."""
-    return names.protocol_of(dataset_kind(config.data.spec))
+    """The scoring protocol of a config's dataset (its first, for a '+' spec; its registry entry's)."""
+    from preprocessing.spec import first_kind
+
+    return first_kind(config.data.spec).protocol
 
 
 def summarize(counts: PCKCounts, joint_names: Sequence[str], protocol: names.Protocol = names.PCK,

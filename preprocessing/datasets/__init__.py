@@ -1,4 +1,5 @@
-"""Dataset readers (LSPET, LSP, MPII, embedded synthetic) behind one small interface."""
+"""Dataset readers (LSPET, LSP, MPII, embedded synthetic) behind one small interface; each kind's
+entry (reader, joint set, scoring protocol, crop ratio) in registry.py."""
 from .base import DatasetError, PoseDataset, PoseSample, SampleSkipped
 from .lsp import LSPDataset
 from .lspet import LSPETDataset
