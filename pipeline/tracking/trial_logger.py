@@ -26,8 +26,8 @@ from pipeline.train.checkpoint import BEST_MODEL_FILE
 
 class MLflowTrialLogger(tune.Callback):
     """Every write goes through a `TrackingWriter`: in order, queued while the store is away, and
-    never raising into Tune (an exception in a Tune callback ends the driver, or turns a trial
-    that trained fine into ERROR)."""
+    no failure of the store raises into Tune (an exception in a Tune callback ends the driver, or
+    turns a trial that trained fine into ERROR); a bug in a write does."""
 
     def __init__(self, sweep_id: str, experiment_id: str, parent_run_id: str, specs: dict[str, TrialSpec],
                  cache_hashes: dict[str, dict[str, str]], extra_tags: dict[str, str],
