@@ -114,3 +114,26 @@ def test_only_the_stores_own_errors_are_transient_or_rejected():
     assert failure_kind(ConnectionRefusedError(111, "refused")) == "transient"
     for bug in (KeyError("run"), TypeError("unhashable"), AttributeError("items"), ValueError("float")):
         assert failure_kind(bug) is None
+
+
+def test_a_locked_store_queues_the_write_and_sends_it_once_free(sqlite_store, tmp_path):
+    """A SQLite store another process holds locked: MLflow answers TEMPORARILY_UNAVAILABLE (after
+    its 20 s busy timeout), the write waits in the queue and the spool, and goes out once free."""
+    import sqlite3
+
+    uri, client, ref = sqlite_store
+    spool = tmp_path / "mlflow_spool.jsonl"
+    messages = []
+    writer = TrackingWriter(uri, spool, log=messages.append)
+    writer.submit(OpenRun(run=ref, run_name="T=1 trial"))
+    lock = sqlite3.connect(tmp_path / "mlflow.db", isolation_level=None)
+    lock.execute("BEGIN EXCLUSIVE")
+    try:
+        writer.submit(SetTags(run=ref, tags={"cpm.note": "queued"}))
+        assert writer.pending == 1 and "unreachable" in messages[-1]
+        assert [json.loads(line)["kind"] for line in spool.read_text().splitlines()] == ["tags"]
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
+    assert writer.drain(60) and "is back after" in messages[-1] and not spool.exists()
+    assert client.get_run(writer.run_id(ref)).data.tags["cpm.note"] == "queued"
