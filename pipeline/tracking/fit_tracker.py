@@ -17,7 +17,8 @@ from mlflow import MlflowClient
 from pipeline.distributed.space import make_trial
 from pipeline.tracking import store
 from pipeline.tracking.run_ops import open_op, row_metrics, summary_op
-from pipeline.tracking.writer import SPOOL_FILE, TrackingWriter, bound_http_retries, metrics_op, ref_key, run_ref
+from pipeline.tracking.operations import LogArtifacts, LogModel, SetStatus, metrics_op, ref_key, run_ref
+from pipeline.tracking.writer import SPOOL_FILE, TrackingWriter, bound_http_retries
 from pipeline.train import metric_names as names
 
 IDENTITY_FILE = "mlflow_run.json"  # in the fit's output directory: the run's identity tag
@@ -61,10 +62,10 @@ class FitTracker:
 
     def finish(self, status: str, artifacts: list[Path], best_checkpoint: Path | None) -> str:
         """Artifacts, the best weights as the run's pose model, the end status; returns where to look."""
-        self.writer.submit({"kind": "artifacts", "run": self.ref, "paths": [str(p) for p in artifacts]})
+        self.writer.submit(LogArtifacts(run=self.ref, paths=[str(p) for p in artifacts]))
         if best_checkpoint is not None and best_checkpoint.is_file():
-            self.writer.submit({"kind": "model", "run": self.ref, "checkpoint": str(best_checkpoint)})
-        self.writer.submit({"kind": "status", "run": self.ref, "status": status})
+            self.writer.submit(LogModel(run=self.ref, checkpoint=str(best_checkpoint)))
+        self.writer.submit(SetStatus(run=self.ref, status=status))
         if not self.writer.drain(DRAIN_TIMEOUT_S):
             return (f"MLflow: {self.writer.pending} write(s) not sent to {self.writer.shown_uri}; they are kept in "
                     f"{self.writer.spool_path} and sent by `--resume`")

@@ -21,7 +21,6 @@ import base64
 import binascii
 import contextlib
 import logging
-import os
 from importlib import metadata
 from pathlib import Path
 
@@ -167,15 +166,8 @@ def using_tracking_uri(uri: str):
     that variable is put back as it was too."""
     from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
-    exported = os.environ.get("MLFLOW_TRACKING_URI")
-    try:
-        with _use_tracking_uri(uri):
-            yield
-    finally:
-        if exported is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = exported
+    with store.env_set(MLFLOW_TRACKING_URI=uri), _use_tracking_uri(uri):
+        yield
 
 
 @contextlib.contextmanager

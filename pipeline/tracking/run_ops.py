@@ -10,7 +10,7 @@ from typing import Any
 
 from cpm_model.receptive_field import later_layout
 from pipeline.tracking import store
-from pipeline.tracking.writer import metrics_op
+from pipeline.tracking.operations import LogMetrics, OpenRun, metrics_op
 from pipeline.train import metric_names as names
 from pipeline.train.scoring import protocol_for
 
@@ -56,16 +56,16 @@ def is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def open_op(ref: dict, spec, cache_hashes: dict[str, str], tags: dict[str, str]) -> dict:
+def open_op(ref: dict, spec, cache_hashes: dict[str, str], tags: dict[str, str]) -> OpenRun:
     """The operation that finds or creates a training run: name, tags, flat params, the cache files
     as dataset inputs, the config as config.yaml."""
-    return {
-        "kind": "open", "run": ref, "run_name": spec.run_name, "history_key": names.TRAIN_LOSS,
-        "tags": {store.KIND_TAG: "trial", **tags},
-        "params": {k: str(v) for k, v in trial_params(spec, cache_hashes).items()},
-        "datasets": [{"name": f"{spec.config.data.spec} [{split}]", "path": path, "digest": cache_hash(path),
-                      "split": split} for split, path in sorted(cache_hashes.items())],
-        "config_yaml": spec.config.to_yaml()}
+    return OpenRun(
+        run=ref, run_name=spec.run_name, history_key=names.TRAIN_LOSS,
+        tags={store.KIND_TAG: "trial", **tags},
+        params={k: str(v) for k, v in trial_params(spec, cache_hashes).items()},
+        datasets=[{"name": f"{spec.config.data.spec} [{split}]", "path": path, "digest": cache_hash(path),
+                   "split": split} for split, path in sorted(cache_hashes.items())],
+        config_yaml=spec.config.to_yaml())
 
 
 def row_metrics(row: dict) -> dict[str, float]:
@@ -76,7 +76,7 @@ def row_metrics(row: dict) -> dict[str, float]:
     return metrics
 
 
-def summary_op(ref: dict, row: dict, config) -> dict:
+def summary_op(ref: dict, row: dict, config) -> LogMetrics:
     """A summary row (the test split) comes once per run; a resumed run may send it again, so the
     write checks the run's history of its test key (or another of its keys) first."""
     metrics = row_metrics(row)

@@ -57,12 +57,11 @@ READ_TIMEOUT_S = 8
 
 
 @contextlib.contextmanager
-def bounded_requests(timeout_s: float = READ_TIMEOUT_S):
-    """MLflow's HTTP requests inside the block: one try each, at most `timeout_s` (its client would
-    retry 7 times with back-off); the environment is put back after."""
-    bounded = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(int(timeout_s))}
-    saved = {key: os.environ.get(key) for key in bounded}
-    os.environ.update(bounded)
+def env_set(**values: str):
+    """Set these environment variables inside the block; on exit each is put back as it was, or
+    removed when it was not set."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
     try:
         yield
     finally:
@@ -73,18 +72,15 @@ def bounded_requests(timeout_s: float = READ_TIMEOUT_S):
                 os.environ[key] = value
 
 
-@contextlib.contextmanager
+def bounded_requests(timeout_s: float = READ_TIMEOUT_S):
+    """MLflow's HTTP requests inside the block: one try each, at most `timeout_s` (its client would
+    retry 7 times with back-off); the environment is put back after."""
+    return env_set(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT=str(int(timeout_s)))
+
+
 def quiet_artifact_downloads():
     """No download bar for the small files the project fetches itself (a bar per file in a log)."""
-    saved = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
-    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
-        else:
-            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = saved
+    return env_set(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false")
 
 
 def reading_uri(configured: str | None) -> str:

@@ -18,15 +18,16 @@ from pipeline.distributed.interrupts import SweepStopped, stop_requested
 from pipeline.distributed.space import TrialSpec, trial_of
 from pipeline.tracking import store
 from pipeline.tracking.run_ops import open_op, row_metrics, summary_op
-from pipeline.tracking.writer import TrackingWriter, active_writer, metrics_op, ref_key, run_ref
+from pipeline.tracking.operations import LogArtifacts, LogModel, SetStatus, SetTags, metrics_op, ref_key, run_ref
+from pipeline.tracking.writer import TrackingWriter, active_writer, failure_kind
 from pipeline.train import metric_names as names
 from pipeline.train.checkpoint import BEST_MODEL_FILE
 
 
 class MLflowTrialLogger(tune.Callback):
     """Every write goes through a `TrackingWriter`: in order, queued while the store is away, and
-    never raising into Tune (an exception in a Tune callback ends the driver, or turns a trial
-    that trained fine into ERROR)."""
+    no failure of the store raises into Tune (an exception in a Tune callback ends the driver, or
+    turns a trial that trained fine into ERROR); a bug in a write does."""
 
     def __init__(self, sweep_id: str, experiment_id: str, parent_run_id: str, specs: dict[str, TrialSpec],
                  cache_hashes: dict[str, dict[str, str]], extra_tags: dict[str, str],
@@ -119,28 +120,27 @@ class MLflowTrialLogger(tune.Callback):
     def _log_artifacts(self, ref: dict, result: dict) -> None:
         directory = Path(result[names.ARTIFACTS_DIR])
         if not directory.is_dir():  # storage the driver cannot see: leave a pointer
-            self.writer.submit({"kind": "tags", "run": ref, "tags": {"cpm.artifacts_dir": str(directory)}})
+            self.writer.submit(SetTags(run=ref, tags={"cpm.artifacts_dir": str(directory)}))
             return
         # The best weights go into the run's MLflow model (runs:/RUN_ID/model), not beside it.
         paths = [str(path) for path in sorted(directory.iterdir()) if path.is_file() and path.name != BEST_MODEL_FILE]
-        self.writer.submit({"kind": "artifacts", "run": ref, "paths": paths})
+        self.writer.submit(LogArtifacts(run=ref, paths=paths))
         if (directory / BEST_MODEL_FILE).is_file():
-            self.writer.submit({"kind": "model", "run": ref, "checkpoint": str(directory / BEST_MODEL_FILE)})
+            self.writer.submit(LogModel(run=ref, checkpoint=str(directory / BEST_MODEL_FILE)))
         if result.get(names.BEST_CHECKPOINT_DIR):
-            self.writer.submit({"kind": "tags", "run": ref,
-                                "tags": {"cpm.best_checkpoint": str(result[names.BEST_CHECKPOINT_DIR])}})
+            self.writer.submit(SetTags(run=ref, tags={"cpm.best_checkpoint": str(result[names.BEST_CHECKPOINT_DIR])}))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         ref = self._open(trial)
         planned = trial.config.get("trial", {}).get("epochs")
         if planned and self.last_epoch.get(trial.trial_id, 0) < planned:  # a scheduler (ASHA) stopped it
-            self.writer.submit({"kind": "tags", "run": ref, "tags": {"cpm.stopped_early": "true"}})
-        self.writer.submit({"kind": "status", "run": ref, "status": "FINISHED"})
+            self.writer.submit(SetTags(run=ref, tags={"cpm.stopped_early": "true"}))
+        self.writer.submit(SetStatus(run=ref, status="FINISHED"))
 
     def on_trial_error(self, iteration, trials, trial, **info):
         ref = self._open(trial)
-        self.writer.submit({"kind": "tags", "run": ref, "tags": {"cpm.error": _error_text(trial), "cpm.status": "failed"}})
-        self.writer.submit({"kind": "status", "run": ref, "status": "FAILED"})
+        self.writer.submit(SetTags(run=ref, tags={"cpm.error": _error_text(trial), "cpm.status": "failed"}))
+        self.writer.submit(SetStatus(run=ref, status="FAILED"))
 
     # --- resume -------------------------------------------------------------------------
     def _close_restored(self, trials) -> None:
@@ -165,7 +165,9 @@ class MLflowTrialLogger(tune.Callback):
         ref = self._identity(trial)[1]
         try:
             run = store.find_run(self.writer.client, ref["experiment_id"], ref["identity"])
-        except Exception:  # unknown: close it again (every write of the closing is idempotent)
+        except Exception as exc:  # the store's error: unknown, so close it again (every write of it is idempotent)
+            if failure_kind(exc) is None:
+                raise
             return None
         return run.info.status if run is not None else None
 

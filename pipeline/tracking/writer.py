@@ -1,11 +1,13 @@
 """Ordered MLflow writes that survive an outage of the tracking store.
 
-The sweep driver is the single writer of every run. Each write is a small JSON-able operation;
-`submit` sends it at once when the store answers and nothing is waiting, otherwise it joins a
-queue (in memory, in order, and appended to a spool file in the sweep's storage directory) that is
-sent, still in order, when the store is back. Failures never propagate to the caller: a transient
-one (connection refused, timeout, 5xx) keeps the operation queued and retries with backoff; a
-permanent one (the store rejects the request) drops it with a warning naming the cause.
+The sweep driver is the single writer of every run. Each write is a small operation (a dataclass
+of `pipeline.tracking.operations`, one JSON line in a spool file); `submit` sends it at once when the
+store answers and nothing is waiting, otherwise it joins a queue (in memory, in order, and appended
+to a spool file in the sweep's storage directory) that is sent, still in order, when the store is
+back. The store's failures never propagate to the caller: a transient one (connection refused,
+timeout, 5xx) keeps the operation queued and retries with backoff; a permanent one (the store
+rejects the request) drops it with a warning naming the cause. Any other exception is a bug, not
+the store's: it raises (`failure_kind`).
 
 A driver that dies during an outage leaves the spool file behind; the next driver of the same
 sweep (`--resume`) replays it before anything else. Replaying must not duplicate metrics
@@ -23,12 +25,19 @@ import os
 import time
 from collections import deque
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable, Literal
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
 
 from pipeline.tracking import store
+from pipeline.tracking.errors import TrackingError
+from pipeline.tracking.operations import (
+    ClearEndTags, LogArtifacts, LogMetrics, LogModel, OpenRun, Operation, SetStatus, SetTags, from_json, ref_key,
+    to_json)
+from pipeline.tracking.operations import run_ref  # noqa: F401 - the sweep driver imports it from here
 
 SPOOL_FILE = "mlflow_spool.jsonl"
 END_TAGS = ("cpm.status", "cpm.error")  # how a run ended other than FINISHED
@@ -59,26 +68,27 @@ def bound_http_retries() -> None:
         os.environ.setdefault(key, value)
 
 
-def is_transient(exc: BaseException) -> bool:
-    """True for failures worth retrying (the store is away or overloaded), False for requests the
-    store rejects (retrying would fail the same way) and for programming errors."""
-    from mlflow.exceptions import MlflowException
-
-    if isinstance(exc, MlflowException):
-        return exc.error_code not in _PERMANENT_CODES
-    return isinstance(exc, (OSError, ConnectionError, TimeoutError)) or \
-        type(exc).__module__.split(".")[0] in ("requests", "urllib3", "sqlalchemy")
+class Unwritable(Exception):
+    """A write whose content cannot be stored (a model from a checkpoint that cannot be read):
+    dropped like one the store rejects."""
 
 
-def run_ref(experiment_id: str, identity: dict[str, str]) -> dict:
-    """How an operation names its run: found by identity tags, so it survives a driver restart."""
-    return {"experiment_id": experiment_id, "identity": dict(sorted(identity.items()))}
+def failure_kind(exc: BaseException) -> Literal["transient", "rejected"] | None:
+    """"transient": worth retrying (the store is away or overloaded: connection errors of the
+    HTTP client, the database or the file system, MLflow's 5xx and TEMPORARILY_UNAVAILABLE);
+    "rejected": the store refuses the request, retrying would fail the same way; None: not the
+    store's error at all (a bug), which the caller must raise."""
+    if isinstance(exc, MlflowException):  # RestException (an HTTP store's answer) included
+        return "rejected" if exc.error_code in _PERMANENT_CODES else "transient"
+    if isinstance(exc, (Unwritable, TrackingError)):  # TrackingError: a run the store cannot search for
+        return "rejected"
+    if isinstance(exc, OSError) or type(exc).__module__.split(".")[0] in ("requests", "urllib3", "sqlalchemy"):
+        return "transient"
+    return None
 
 
-def ref_key(ref: dict) -> str:
-    return json.dumps(ref, sort_keys=True)
-
-
+# Tune pickles the sweep's callbacks and `--resume` runs the unpickled ones: the trial logger can
+# only find this driver's writer by the sweep id (pipeline.tracking.trial_logger).
 _ACTIVE: dict[str, "TrackingWriter"] = {}  # sweep id -> this driver's writer
 
 
@@ -96,7 +106,7 @@ class TrackingWriter:
         self.client = MlflowClient(tracking_uri)
         self.spool_path = Path(spool_path) if spool_path else None
         self.log = log or say
-        self.queue: deque[dict] = deque()
+        self.queue: deque[Operation] = deque()
         self.run_ids: dict[str, str] = {}  # ref key -> run id
         self.max_step: dict[str, int] = {}  # ref key -> highest step of the open op's history key
         self.open_refs: dict[str, dict] = {}  # runs opened and not yet ended, by ref key
@@ -121,11 +131,11 @@ class TrackingWriter:
         _ACTIVE[sweep_id] = self
         return self
 
-    def _track_open(self, op: dict) -> None:
-        key = ref_key(op["run"])
-        if op["kind"] == "open" or (op["kind"] == "status" and op["status"] == "RUNNING"):
-            self.open_refs[key] = op["run"]
-        elif op["kind"] == "status":
+    def _track_open(self, op: Operation) -> None:
+        key = ref_key(op.run)
+        if isinstance(op, OpenRun) or (isinstance(op, SetStatus) and op.status == "RUNNING"):
+            self.open_refs[key] = op.run
+        elif isinstance(op, SetStatus):
             self.open_refs.pop(key, None)
 
     def close_open_runs(self, status: str, reason: str) -> int:
@@ -133,15 +143,16 @@ class TrackingWriter:
         Queued and spooled before sending (`drain`), so a kill during the send loses nothing."""
         refs = list(self.open_refs.values())
         for ref in refs:
-            self.enqueue({"kind": "tags", "run": ref, "tags": dict(zip(END_TAGS, (status.lower(), reason)))})
-            self.enqueue({"kind": "status", "run": ref, "status": status})
+            self.enqueue(SetTags(run=ref, tags=dict(zip(END_TAGS, (status.lower(), reason)))))
+            self.enqueue(SetStatus(run=ref, status=status))
         return len(refs)
 
-    def submit(self, op: dict) -> None:
-        """Send now if possible, else queue (and spool). Never raises."""
+    def submit(self, op: Operation | dict) -> None:
+        """Send now if possible, else queue (and spool). Raises only for a bug (`flush`)."""
+        op = _operation(op)
         self._track_open(op)
         if self.queue:
-            op["behind"] = True  # queued behind others: it may be replayed after a partial send
+            op.behind = True  # queued behind others: it may be replayed after a partial send
         self.queue.append(op)
         if len(self.queue) > 1:
             self._append_spool(op)
@@ -149,15 +160,18 @@ class TrackingWriter:
         if self.queue and len(self.queue) == 1 and self.queue[0] is op:
             self._rewrite_spool()  # the first write that failed: start the spool file
 
-    def enqueue(self, op: dict) -> None:
+    def enqueue(self, op: Operation | dict) -> None:
         """Queue and spool first, send later (`drain`): for writes a kill may interrupt."""
+        op = _operation(op)
         self._track_open(op)
-        op["behind"] = True
+        op.behind = True
         self.queue.append(op)
         self._append_spool(op)
 
     def flush(self, force: bool = False) -> bool:
-        """Send queued operations in order until one fails; True when the queue is empty."""
+        """Send queued operations in order until one fails; True when the queue is empty. An
+        exception that is not the store's (`failure_kind`) is a bug: it raises, and its operation
+        leaves the queue first, so that the writes behind it (closing the runs) still go out."""
         if not self.queue:
             return True
         if not force and time.monotonic() < self._next_attempt:
@@ -165,20 +179,25 @@ class TrackingWriter:
         progressed = False
         while self.queue:
             op = self.queue[0]
+            maybe_stored = op.may_be_stored()
+            op.attempts += 1  # counted before: a kill mid-call replays it guarded
             try:
-                guard = bool(op.get("guard") or op.get("attempts") or op.get("replayed") or op.get("behind"))
-                op["attempts"] = op.get("attempts", 0) + 1  # counted before: a kill mid-call replays it guarded
-                self._execute(op, guard)
+                self._execute(op, maybe_stored)
             except Exception as exc:
-                if is_transient(exc):
+                failure = failure_kind(exc)
+                if failure is None:
+                    self.queue.popleft()
+                    self._rewrite_spool()
+                    raise
+                if failure == "transient":
                     self._note_down(exc)
                     if progressed:
                         self._rewrite_spool()
                     return False
-                self.log(f"Tracking: dropped a '{op['kind']}' write the store rejects: {self._short(exc)}")
+                self.log(f"Tracking: dropped a '{op.kind}' write the store rejects: {self._short(exc)}")
             self.queue.popleft()
             progressed = True
-            if self._down_since is not None or op.get("replayed"):
+            if self._down_since is not None or op.replayed:
                 self.sent_from_queue += 1
         self._note_up()
         self._rewrite_spool()
@@ -209,66 +228,73 @@ class TrackingWriter:
         if key not in self.run_ids:
             run = store.find_run(self.client, ref["experiment_id"], ref["identity"])
             if run is None:
-                from mlflow.exceptions import MlflowException
-                raise MlflowException(f"no run with tags {ref['identity']}", error_code="RESOURCE_DOES_NOT_EXIST")
+                raise MlflowException(f"no run with tags {ref['identity']}", error_code=RESOURCE_DOES_NOT_EXIST)
             self.run_ids[key] = run.info.run_id
         return self.run_ids[key]
 
-    def _execute(self, op: dict, guard: bool) -> None:
-        kind, ref = op["kind"], op["run"]
-        if kind == "open":
-            self._open(op, op.get("attempts", 1) > 1 or op.get("replayed", False))
+    def _execute(self, op: Operation, maybe_stored: bool) -> None:
+        if isinstance(op, OpenRun):
+            self._open(op, op.attempts > 1 or op.replayed)
             return
-        run_id = self._resolve(ref)
-        if kind == "metrics":
-            if guard and self._already_logged(run_id, op["probe"], op["step"]):
-                return
-            items = [Metric(k, float(v), op["timestamp"], op["step"]) for k, v in sorted(op["metrics"].items())]
-            for start in range(0, len(items), 500):
-                self.client.log_batch(run_id, metrics=items[start:start + 500])
-        elif kind == "tags":
-            store.set_tags(self.client, run_id, op["tags"])
-        elif kind == "artifacts":
-            for path in op["paths"]:
-                if Path(path).is_file():
-                    self.client.log_artifact(run_id, path)
-        elif kind == "model":
-            if Path(op["checkpoint"]).is_file():
-                from pipeline.tracking.pose_model import log_pose_model  # pyfunc and pandas: only here
-
-                log_pose_model(self.tracking_uri, ref["experiment_id"], run_id, op["checkpoint"])
-        elif kind == "status":
-            if op["status"] == "RUNNING":
+        run_id = self._resolve(op.run)
+        match op:
+            case LogMetrics():
+                if (op.guard or maybe_stored) and self._already_logged(run_id, op.probe, op.step):
+                    return
+                items = [Metric(k, float(v), op.timestamp, op.step) for k, v in sorted(op.metrics.items())]
+                for start in range(0, len(items), 500):
+                    self.client.log_batch(run_id, metrics=items[start:start + 500])
+            case SetTags():
+                store.set_tags(self.client, run_id, op.tags)
+            case LogArtifacts():
+                for path in op.paths:
+                    if Path(path).is_file():
+                        self.client.log_artifact(run_id, path)
+            case LogModel():
+                self._log_model(op, run_id)
+            case SetStatus(status="RUNNING"):
                 self.client.update_run(run_id, status="RUNNING")
-            else:
-                self.client.set_terminated(run_id, status=op["status"])
-        elif kind == "clear_end":
-            self._clear_end_tags(run_id)
-        else:
-            raise ValueError(f"unknown tracking operation {kind!r}")
+            case SetStatus():
+                self.client.set_terminated(run_id, status=op.status)
+            case ClearEndTags():
+                self._clear_end_tags(run_id)
+            case _:
+                raise TypeError(f"the tracking writer cannot send a {type(op).__name__}")
 
-    def _open(self, op: dict, retried: bool) -> None:
+    def _log_model(self, op: LogModel, run_id: str) -> None:
+        if not Path(op.checkpoint).is_file():
+            return
+        # pyfunc, pandas and torch: imported only here
+        from pipeline.tracking.pose_model import log_pose_model
+        from pipeline.train.checkpoint import CheckpointError
+
+        try:
+            log_pose_model(self.tracking_uri, op.run["experiment_id"], run_id, op.checkpoint)
+        except CheckpointError as exc:  # a torn or foreign file: no model can be made of it
+            raise Unwritable(str(exc)) from exc
+
+    def _open(self, op: OpenRun, retried: bool) -> None:
         """Find or create the run; on creation (or a retry, which may follow a half-done creation)
         write its params, dataset inputs and config (all of which MLflow stores idempotently)."""
-        ref = op["run"]
+        ref = op.run
         run_id, created = store.get_or_create_run(self.client, ref["experiment_id"], ref["identity"],
-                                                     op["run_name"], op.get("tags"))
+                                                     op.run_name, op.tags)
         if created or retried:
-            store.log_params(self.client, run_id, op.get("params", {}))
-            if op.get("datasets"):
-                _log_datasets(self.client, run_id, op["datasets"])
-            if op.get("config_yaml"):
+            store.log_params(self.client, run_id, op.params)
+            if op.datasets:
+                _log_datasets(self.client, run_id, op.datasets)
+            if op.config_yaml:
                 import tempfile
                 with tempfile.TemporaryDirectory() as tmp:
                     path = Path(tmp) / "config.yaml"
-                    path.write_text(op["config_yaml"])
+                    path.write_text(op.config_yaml)
                     self.client.log_artifact(run_id, str(path))
         else:
             self._clear_end_tags(run_id)
         key = ref_key(ref)
         self.run_ids[key] = run_id
-        if op.get("history_key"):
-            history = self.client.get_metric_history(run_id, op["history_key"])
+        if op.history_key:
+            history = self.client.get_metric_history(run_id, op.history_key)
             self.max_step[key] = max((m.step for m in history), default=0)
 
     def _clear_end_tags(self, run_id: str) -> None:
@@ -308,13 +334,13 @@ class TrackingWriter:
         self._delay = FIRST_RETRY_S
 
     # --- spool file ------------------------------------------------------------------------
-    def _append_spool(self, op: dict) -> None:
+    def _append_spool(self, op: Operation) -> None:
         if self.spool_path is None:
             return
         try:
             self.spool_path.parent.mkdir(parents=True, exist_ok=True)
             with self.spool_path.open("a") as handle:
-                handle.write(json.dumps(op) + "\n")
+                handle.write(json.dumps(to_json(op)) + "\n")
         except OSError as exc:
             self.log(f"Tracking: cannot write the spool file {self.spool_path} ({exc}); queued writes are "
                      f"kept in memory only")
@@ -329,7 +355,7 @@ class TrackingWriter:
                 return
             self.spool_path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.spool_path.with_suffix(".tmp")
-            tmp.write_text("".join(json.dumps(op) + "\n" for op in self.queue))
+            tmp.write_text("".join(json.dumps(to_json(op)) + "\n" for op in self.queue))
             os.replace(tmp, self.spool_path)
         except OSError as exc:
             self.log(f"Tracking: cannot write the spool file {self.spool_path} ({exc})")
@@ -338,17 +364,21 @@ class TrackingWriter:
         if self.spool_path is None or not self.spool_path.is_file():
             return
         lines = self.spool_path.read_text(errors="replace").splitlines()
-        torn = 0
+        torn, unreadable = 0, []
         for line in lines:
             try:
-                op = json.loads(line)
+                op = from_json(json.loads(line))
             except json.JSONDecodeError:  # the last line of a driver killed while appending
                 torn += 1
                 continue
-            op["replayed"] = True
+            except ValueError as exc:  # not an operation this code knows
+                unreadable.append(str(exc))
+                continue
+            op.replayed = True
             self.queue.append(op)
         self.log(f"Tracking: replaying {len(self.queue)} write(s) a previous driver left in {self.spool_path}"
-                 + (f" ({torn} torn line(s) skipped)" if torn else ""))
+                 + (f" ({torn} torn line(s) skipped)" if torn else "")
+                 + (f" ({len(unreadable)} unreadable line(s) skipped: {unreadable[0]})" if unreadable else ""))
 
 
 def _log_datasets(client: MlflowClient, run_id: str, datasets: list[dict]) -> None:
@@ -364,10 +394,7 @@ def _log_datasets(client: MlflowClient, run_id: str, datasets: list[dict]) -> No
                                                 tags=[InputTag("mlflow.data.context", split)])])
 
 
-
-
-def metrics_op(ref: dict, metrics: dict[str, Any], step: int, probe: str, guard: bool) -> dict:
-    """A metrics write with its timestamp fixed now (a resend is then an identical metric)."""
-    names = {store.metric_name(k): float(v) for k, v in metrics.items()}
-    return {"kind": "metrics", "run": ref, "metrics": names, "step": int(step),
-            "timestamp": int(time.time() * 1000), "probe": store.metric_name(probe), "guard": guard}
+def _operation(op: Operation | dict) -> Operation:
+    """The sweep driver (pipeline.distributed.runner) hands a few writes over in the spool's JSON
+    form; a malformed one is a bug and raises here (ValueError), before it is queued."""
+    return op if isinstance(op, Operation) else from_json(op)
