@@ -44,7 +44,11 @@ class RestartableServer:
         with log.open("w") as handle:
             self.process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, cwd=self.workdir,
                                             env={**os.environ, **LOOPBACK_ENV}, start_new_session=True)
-        wait_healthy(self.base, self.process, log)
+        try:
+            wait_healthy(self.base, self.process, log)
+        except BaseException:  # pytest.fail included: a server that never answered is stopped, not left behind
+            self.kill()
+            raise
 
     def kill(self) -> None:
         if self.process is not None and self.process.poll() is None:
