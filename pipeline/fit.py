@@ -27,10 +27,10 @@ from pathlib import Path
 import torch
 
 from cpm_model.config import add_config_arguments
+from cpm_model.durable import copy_durably
 from pipeline.cli import check_data_spec, config_from_args, report_input_errors
 from pipeline.redaction import public_config
 from pipeline.tracking.fit_tracker import FitTracker
-from cpm_model.durable import copy_durably
 from pipeline.train.checkpoint import CHECKPOINT_FILE
 from pipeline.train.context import LocalContext
 from pipeline.train.gradients import write_gradients_file

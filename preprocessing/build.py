@@ -33,9 +33,9 @@ import numpy as np
 from tqdm import tqdm
 
 from cpm_model.config import PreprocessConfig
+from cpm_model.durable import stale_temp_files, temp_path_for
 from cpm_model.geometry import STRIDE, invert_affine
 from cpm_model.heatmaps import render_belief_maps
-from cpm_model.durable import stale_temp_files, temp_path_for
 from cpm_model.joints import torso_size
 
 from . import crops

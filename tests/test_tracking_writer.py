@@ -78,8 +78,8 @@ def test_a_bug_raises_where_a_rejected_write_is_dropped(sqlite_store):
 
     with pytest.raises(ValueError, match="could not convert string to float: 'high'"):
         writer.submit(LogMetrics(run=ref, metrics={"pck": "high"}, step=1, timestamp=1, probe="pck"))
-    with pytest.raises(ValueError, match=r"unknown field\(s\) tag"):  # a write handed over as a dict, misspelt
-        writer.submit({"kind": "tags", "run": ref, "tag": {"cpm.note": "x"}})
+    with pytest.raises(ValueError, match=r"unknown field\(s\) tag"):  # a misspelt write read back from a spool
+        writer.submit(from_json({"kind": "tags", "run": ref, "tag": {"cpm.note": "x"}}))
     # The store's own refusal (no run has these identity tags) is no bug: dropped with a warning.
     writer.submit(SetStatus(run=run_ref(ref["experiment_id"], {store.SWEEP_TAG: "none"}), status="FINISHED"))
     assert messages == ["Tracking: dropped a 'status' write the store rejects: no run with tags "

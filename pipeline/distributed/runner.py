@@ -23,7 +23,8 @@ from pipeline.distributed.trial import run_trial
 from pipeline.redaction import public_config, redact_uri
 from pipeline.tracking import store
 from pipeline.tracking.trial_logger import MLflowTrialLogger
-from pipeline.tracking.writer import SPOOL_FILE, TrackingWriter, bound_http_retries, run_ref
+from pipeline.tracking.operations import ClearEndTags, SetStatus, SetTags, run_ref
+from pipeline.tracking.writer import SPOOL_FILE, TrackingWriter, bound_http_retries
 from pipeline.train import metric_names as names
 from pipeline.train.caches import build_split_cache, cache_caps
 from pipeline.train.schedule import total_epochs
@@ -236,7 +237,7 @@ def _open_sweep_run(config: ExperimentConfig, uri: str, sweep_dir: Path, sweep_i
             "max_concurrent_trials": plan.max_concurrent_trials,
             **public_config(config).flat_params()})
     else:  # reopened (--resume): it no longer carries how it ended before
-        writer.submit({"kind": "clear_end", "run": parent_ref})
+        writer.submit(ClearEndTags(run=parent_ref))
     print(f"MLflow experiment '{config.tracking.experiment}', sweep run {parent_run_id}", flush=True)
     return SweepRuns(writer, client, experiment_id, parent_run_id, parent_ref, provenance)
 
@@ -295,8 +296,8 @@ def _finish(runs: SweepRuns, results, sweep_id: str) -> SweepOutcome:
     table, has_report = _report_to_parent_run(runs.client, runs.experiment_id, runs.parent_run_id)
     where = store.where_to_look(runs.client.tracking_uri, runs.experiment_id, runs.parent_run_id, has_report)
     print(f"\n{table}\n{where}", flush=True)
-    writer.submit({"kind": "tags", "run": runs.parent_ref, "tags": {"cpm.failed_trials": str(len(failed))}})
-    writer.submit({"kind": "status", "run": runs.parent_ref, "status": "KILLED" if stopped else "FINISHED"})
+    writer.submit(SetTags(run=runs.parent_ref, tags={"cpm.failed_trials": str(len(failed))}))
+    writer.submit(SetStatus(run=runs.parent_ref, status="KILLED" if stopped else "FINISHED"))
     writer.drain(DRAIN_TIMEOUT_S)
     return SweepOutcome(sweep_id, runs.parent_run_id, runs.experiment_id,
                         completed=not failed or len(failed) < len(results), failed_trials=failed, table=table)
@@ -306,8 +307,8 @@ def _end_runs(writer: TrackingWriter, parent_ref: dict, status: str, reason: str
     """Close every open trial run and the sweep's run with `status`; spooled first, so a kill
     during the send leaves them for `--resume` to send."""
     closed = writer.close_open_runs(status, reason)
-    writer.enqueue({"kind": "tags", "run": parent_ref, "tags": {"cpm.status": status.lower(), "cpm.error": reason}})
-    writer.enqueue({"kind": "status", "run": parent_ref, "status": status})
+    writer.enqueue(SetTags(run=parent_ref, tags={"cpm.status": status.lower(), "cpm.error": reason}))
+    writer.enqueue(SetStatus(run=parent_ref, status=status))
     sent = writer.drain(STOP_DRAIN_TIMEOUT_S if status == "KILLED" else DRAIN_TIMEOUT_S)
     writer.log(f"{reason}: the sweep run and {closed} open trial run(s) marked {status}"
                + ("" if sent else " (queued: not sent yet)"))

@@ -37,7 +37,6 @@ from pipeline.tracking.errors import TrackingError
 from pipeline.tracking.operations import (
     ClearEndTags, LogArtifacts, LogMetrics, LogModel, OpenRun, Operation, SetStatus, SetTags, from_json, ref_key,
     to_json)
-from pipeline.tracking.operations import run_ref  # noqa: F401 - the sweep driver imports it from here
 
 SPOOL_FILE = "mlflow_spool.jsonl"
 END_TAGS = ("cpm.status", "cpm.error")  # how a run ended other than FINISHED
@@ -147,9 +146,8 @@ class TrackingWriter:
             self.enqueue(SetStatus(run=ref, status=status))
         return len(refs)
 
-    def submit(self, op: Operation | dict) -> None:
+    def submit(self, op: Operation) -> None:
         """Send now if possible, else queue (and spool). Raises only for a bug (`flush`)."""
-        op = _operation(op)
         self._track_open(op)
         if self.queue:
             op.behind = True  # queued behind others: it may be replayed after a partial send
@@ -160,9 +158,8 @@ class TrackingWriter:
         if self.queue and len(self.queue) == 1 and self.queue[0] is op:
             self._rewrite_spool()  # the first write that failed: start the spool file
 
-    def enqueue(self, op: Operation | dict) -> None:
+    def enqueue(self, op: Operation) -> None:
         """Queue and spool first, send later (`drain`): for writes a kill may interrupt."""
-        op = _operation(op)
         self._track_open(op)
         op.behind = True
         self.queue.append(op)
@@ -392,9 +389,3 @@ def _log_datasets(client: MlflowClient, run_id: str, datasets: list[dict]) -> No
         split = item["split"]
         client.log_inputs(run_id, [DatasetInput(dataset._to_mlflow_entity(),
                                                 tags=[InputTag("mlflow.data.context", split)])])
-
-
-def _operation(op: Operation | dict) -> Operation:
-    """The sweep driver (pipeline.distributed.runner) hands a few writes over in the spool's JSON
-    form; a malformed one is a bug and raises here (ValueError), before it is queued."""
-    return op if isinstance(op, Operation) else from_json(op)

@@ -18,8 +18,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from pipeline.train import metric_names as names
 from cpm_model.durable import copy_durably
+from pipeline.train import metric_names as names
 from pipeline.train.checkpoint import CHECKPOINT_FILE
 from pipeline.train.progress import NoProgress, ProgressBar, ProgressLine
 
