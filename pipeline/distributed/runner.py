@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,10 +104,31 @@ def connect_ray() -> None:
     # Under `ray job submit` RAY_ADDRESS points at the cluster; otherwise join a running local
     # cluster (`ray start --head`) if there is one, else start one in this process.
     runtime_env = _checkout_runtime_env()
+    address = os.environ.get("RAY_ADDRESS", "auto")
+    if address == "local":
+        _start_local_ray(runtime_env)
+        return
     try:
-        ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), runtime_env=runtime_env)
+        ray.init(address=address, runtime_env=runtime_env)
     except ConnectionError:
-        ray.init(runtime_env=runtime_env)
+        if address != "auto":
+            raise  # the cluster named is down: say so rather than train somewhere else
+        _start_local_ray(runtime_env)
+
+
+def _start_local_ray(runtime_env: dict | None) -> None:
+    """A cluster in this process, whose own processes can find it beside other clusters.
+
+    Inside a cluster started here RAY_ADDRESS is "local" or unset, and Ray's state API (which Ray
+    Train's controller and placement-group cleaner call) then scans the machine for raylets: with
+    a second cluster on the machine it finds two and raises, and a trial can hang. Naming this
+    cluster's API server (its dashboard) in the environment the raylet and workers inherit tells
+    them which one is theirs."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        dashboard_port = probe.getsockname()[1]
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
+    ray.init(address="local", dashboard_port=dashboard_port, runtime_env=runtime_env)
 
 
 @dataclass
