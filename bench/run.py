@@ -13,6 +13,8 @@ Parts (default: all that the device allows):
   gradients    an epoch of the worker loop with gradient sampling (grad_norm_stage{t}, gradients.json:
                4 sampled steps) against without, on the reference config's whole train split; and
                the time of one sampled step's measurement on the reference, lspet_cpu and paper models
+  precision    bf16 autocast against fp32, model alone, on the default and lspet_cpu networks: the
+               measurement behind `precision: auto` (bf16 only on a CPU with bf16 instructions)
   memory       peak RSS of a training worker process on a cache of 1,000 samples and on the full
                train split (one subprocess each)
   distributed  per-trial overhead of a sweep with its breakdown, Ray Train's own start-up per fit(),
@@ -217,7 +219,7 @@ def part_gradients(figures, args, tmp: Path) -> None:
     report(figures, paired_figure("gradient_sampling_epoch", paired, "images/s", steps=steps, repeats=repeats,
                                   measured=f"worker loop epoch with {SAMPLED_STEPS_PER_EPOCH} sampled steps vs none, "
                                            "default preset's network", setup=setup.label, device=str(device)))
-    models = {"default": config, "lspet_cpu": load_config(str(REPO / "configs" / "lspet_cpu.yaml"), []),
+    models = {"default": config, "lspet_cpu": load_config("lspet_cpu", []),
               "paper": load_config(None, PAPER_OVERRIDES)}
     for label, model_config in models.items():
         seconds = speed.time_gradient_sample(model_config, device)
@@ -262,7 +264,28 @@ def part_distributed(figures, args, tmp: Path) -> None:
                            scaling["images_per_s_1_worker"], measured="one configuration, 2 workers x 16 vs 1 x 32"))
 
 
-PARTS = {"overhead": part_overhead, "paper": part_paper, "read": part_read, "gradients": part_gradients,
+def part_precision(figures, args, tmp: Path) -> None:
+    """bf16 autocast against fp32 (both channels_last), model alone, whatever `auto` would choose:
+    the measurement behind the `auto` rule (bf16 only on a CPU with bf16 instructions)."""
+    device = torch.device(args.device)
+    bf16, fp32 = speed.StepSetup("bf16", channels_last=True), speed.StepSetup("fp32", channels_last=True)
+    # Emulated bf16 takes seconds a step on the larger nets: few steps, still ABBA pairs.
+    sizes = {"default": (10, 2, 4), "lspet_cpu": (3, 1, 2)}
+    if args.cpu_smoke:
+        sizes = {label: (1, 1, 1) for label in sizes}
+    for label, (steps, warmup, repeats) in sizes.items():
+        config = load_config(label, [])
+        states = {setup: speed.build_training_state(speed.config_with(config, setup), device, setup, 10**6)
+                  for setup in (bf16, fp32)}
+        paired = speed.interleaved_ratio(
+            lambda: speed.time_model_alone(config, device, fp32, steps, warmup, states[fp32]),
+            lambda: speed.time_model_alone(config, device, bf16, steps, warmup, states[bf16]), repeats)
+        report(figures, paired_figure(f"bf16_vs_fp32_{label}", paired, "images/s", steps=steps, repeats=repeats,
+                                      measured=f"model alone, {label} network, bf16 autocast vs fp32",
+                                      device=str(device), auto_takes_bf16=use_bf16("auto", device)))
+
+
+PARTS = {"overhead": part_overhead, "precision": part_precision, "paper": part_paper, "read": part_read, "gradients": part_gradients,
          "memory": part_memory, "distributed": part_distributed}
 
 

@@ -91,7 +91,7 @@ class TrainConfig:
     scale_max: float = 1.3
     rotation_deg: float = 40.0
     flip: bool = True
-    precision: str = "auto"  # "auto" (bf16 autocast where it is faster), "bf16" or "fp32"
+    precision: str = "auto"  # "auto" (bf16 autocast where the device has bf16 instructions), "bf16" or "fp32"
     seed: int = 0
     init_weights: str | None = None  # a local state-dict file (e.g. ImageNet VGG weights)
     max_steps_per_epoch: int | None = None
