@@ -74,12 +74,14 @@ SWEEP_CASES = {
 }
 
 
+@pytest.mark.integration  # runs a command in a subprocess (Python and PyTorch start-up)
 @pytest.mark.parametrize("case", sorted(SWEEP_CASES))
 def test_sweep_refuses_bad_input_before_writing(case, tmp_path, ray_tmpdir):
     extra, expected = SWEEP_CASES[case]
     assert_refused(run_cli(tmp_path, ray_tmpdir, *sweep_args(tmp_path, *extra)), tmp_path, *expected)
 
 
+@pytest.mark.integration  # runs a command in a subprocess (Python and PyTorch start-up)
 @pytest.mark.parametrize("args, expected", [
     (["--max-samples", "-3"], ["--max-samples", "got -3"]),
     (["--batch-size", "0"], ["--batch-size must be an integer >= 1", "got 0"]),
@@ -92,18 +94,21 @@ def test_evaluate_refuses_bad_counts(args, expected, tmp_path, ray_tmpdir):
     assert_refused(result, tmp_path, *expected)
 
 
+@pytest.mark.integration  # runs a command in a subprocess (Python and PyTorch start-up)
 def test_a_single_run_refuses_a_bad_value_like_the_sweep(tmp_path, ray_tmpdir):
     result = run_cli(tmp_path, ray_tmpdir, str(REPO / "pipeline" / "sweep.py"), "--single", *sweep_args(tmp_path)[1:],
                      "--set", "train.max_steps_per_epoch=0")
     assert_refused(result, tmp_path, "'train.max_steps_per_epoch'", "got 0")
 
 
+@pytest.mark.integration  # runs a command in a subprocess (Python and PyTorch start-up)
 def test_fit_refuses_a_data_spec_it_cannot_read_before_writing(tmp_path, ray_tmpdir):
     result = run_cli(tmp_path, ray_tmpdir, "-m", "pipeline.fit", "--config", TINY, "--data", f"lsp:{tmp_path}",
                      "--out", str(tmp_path / "out"))
     assert_refused(result, tmp_path, f"data spec 'lsp:{tmp_path}'", f"{tmp_path / 'joints.mat'} does not exist")
 
 
+@pytest.mark.integration  # runs a command in a subprocess (Python and PyTorch start-up)
 def test_commands_that_read_mlflow_give_up_on_a_silent_store(tmp_path, ray_tmpdir):
     """A server that takes the connection and never answers (MLflow's client would retry for
     minutes), then a SQLite store that does not exist (a look-up must not create it)."""
@@ -130,6 +135,7 @@ def test_commands_that_read_mlflow_give_up_on_a_silent_store(tmp_path, ray_tmpdi
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
 
 
+@pytest.mark.integration  # runs a command in a subprocess (Python and PyTorch start-up)
 @pytest.mark.parametrize("cli", ["pipeline/sweep.py", "pipeline/sweep.py --single", "-m pipeline.fit"])
 def test_data_spec_and_uri_are_taken_verbatim(cli, tmp_path, ray_tmpdir):
     """A path with '#' and a space: YAML would cut the spec at ' #' (a comment)."""
@@ -146,6 +152,7 @@ def test_data_spec_and_uri_are_taken_verbatim(cli, tmp_path, ray_tmpdir):
         assert printed["tracking"]["tracking_uri"] == uri
 
 
+@pytest.mark.integration  # runs a command in a subprocess (Python and PyTorch start-up)
 def test_a_data_path_with_hash_and_space_reaches_the_reader(tmp_path, ray_tmpdir):
     """The whole path reaches the dataset reader: its error names the directory, '#' and all."""
     missing = tmp_path / "run #2 data"

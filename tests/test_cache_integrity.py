@@ -72,6 +72,7 @@ def test_a_truncated_cache_is_named_on_open_and_rebuilt_by_build(tmp_path, capsy
     assert all(np.array_equal(rebuilt[k], original[k], equal_nan=True) for k in original)
 
 
+@pytest.mark.integration  # runs a command in a subprocess (Python and PyTorch start-up)
 def test_flipped_bytes_pass_the_cheap_check_fail_the_full_one_and_are_rebuilt(tmp_path):
     path = built(tmp_path)
     original = PoseCache(path).read([3], keys=["images"])["images"]
@@ -115,6 +116,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=REPO, timeout=300)
 
 
+@pytest.mark.integration  # runs a command in a subprocess (Python and PyTorch start-up)
 def test_evaluate_and_fit_on_a_truncated_cache_exit_2_with_one_line(tmp_path):
     common = ["--config", "synthetic_tiny", "--set", f"data.spec={SPEC}",
               "--set", f"data.cache_dir={tmp_path}", "--set", "preprocess.workers=1"]

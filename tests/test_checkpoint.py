@@ -129,6 +129,7 @@ def _cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.integration  # runs a command in a subprocess (Python and PyTorch start-up)
 @pytest.mark.parametrize("override, message", [
     ("model.stages=0", "model.stages"),
     ("model.backbone=resnet", "model.backbone"),
@@ -139,6 +140,7 @@ def test_fit_rejects_bad_config_with_exit_2(tmp_path, override, message):
     assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.integration  # runs a command in a subprocess (Python and PyTorch start-up)
 def test_fit_rejects_missing_data_and_config_file(tmp_path):
     done = _cli("pipeline.fit", "--data", f"lspet:{tmp_path}/no_such_dir", "--out", str(tmp_path / "run"),
                 "--set", f"data.cache_dir={tmp_path}/cache")

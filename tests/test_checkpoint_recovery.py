@@ -95,6 +95,7 @@ def _epoch_rows(out: Path) -> list[dict]:
     return [row for row in rows if "train_loss" in row]
 
 
+@pytest.mark.integration  # runs a command in a subprocess (Python and PyTorch start-up)
 def test_fit_resume_skips_a_truncated_newest_checkpoint(tmp_path):
     out = tmp_path / "run"
     first = _fit(out)

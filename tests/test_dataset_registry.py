@@ -189,6 +189,7 @@ def test_the_kind_is_trained_scored_and_reported_by_the_commands(toy_kind, toy_r
     assert summary["test_pckh"] == pytest.approx(mean, abs=1e-6)  # the fit's own test row, same weights
 
 
+@pytest.mark.integration  # runs a command in a subprocess (Python and PyTorch start-up)
 def test_an_installed_plugin_makes_the_kind_known_to_another_process(toy_kind, toy_root, tmp_path):
     """A subprocess (a command, a sweep's worker) knows only the kinds of installed entry points."""
     plugin = tmp_path / "site" / "toy_poses-0.1.dist-info"

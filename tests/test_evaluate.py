@@ -189,6 +189,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.integration  # runs a command in a subprocess (Python and PyTorch start-up)
 def test_bad_input_errors_name_the_file(trained, tmp_path):
     broken = tmp_path / "broken.pt"
     broken.write_bytes(b"\x00garbage")

@@ -161,6 +161,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.integration  # runs a command in a subprocess (Python and PyTorch start-up)
 def test_cli_prints_the_paper_columns_and_the_missing_count(tmp_path):
     gt = hand_ground_truth()
     root = write_lsp(tmp_path / "lsp", gt)
@@ -173,6 +174,7 @@ def test_cli_prints_the_paper_columns_and_the_missing_count(tmp_path):
     check_report(json.loads((tmp_path / "out.json").read_text()))
 
 
+@pytest.mark.integration  # runs a command in a subprocess (Python and PyTorch start-up)
 @pytest.mark.parametrize("cut, message", [
     (lambda p: p[:, :13], "13 joints per image, the lsp test split has 14"),
     (lambda p: p[:2], "2 images, the lsp test split has 3"),

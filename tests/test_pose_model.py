@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 # One worker runs the module under `pytest -n 2`: its tests share the logged model (a module fixture).
-pytestmark = pytest.mark.xdist_group("pose-model")
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("pose-model")]  # MLflow models: logged, loaded, served
 
 
 @pytest.fixture(scope="module")

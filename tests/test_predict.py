@@ -59,6 +59,7 @@ def cpm_predict(media, *args: str) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
+@pytest.mark.integration  # runs a command in a subprocess (Python and PyTorch start-up)
 def test_a_folder_gives_a_record_per_image_and_names_the_file_it_skipped(media):
     out = media["tmp"] / "folder_out"
     done = cpm_predict(media, str(media["folder"]), "--out", str(out), "--batch-size", "2", "--draw")
@@ -77,6 +78,7 @@ def test_a_folder_gives_a_record_per_image_and_names_the_file_it_skipped(media):
     assert predictor.predict_batch(paths) == [json.loads((out / f"p{i}.json").read_text()) for i in range(5)]
 
 
+@pytest.mark.integration  # runs a command in a subprocess (Python and PyTorch start-up)
 def test_the_api_on_an_array_returns_the_record_the_cli_prints(media):
     path = media["folder"] / "p1.png"
     done = cpm_predict(media, str(path), "--center", "70,90")
@@ -99,6 +101,7 @@ def test_batches_predict_what_single_images_do(media):
                            [[j["x"], j["y"]] for j in record["joints"]], atol=0.02)
 
 
+@pytest.mark.integration  # runs a command in a subprocess (Python and PyTorch start-up)
 def test_a_video_gives_a_json_line_per_frame_and_an_mp4(media):
     out = media["tmp"] / "video_out"
     done = cpm_predict(media, str(media["video"]), "--out", str(out), "--draw", "--batch-size", "3")
@@ -111,6 +114,7 @@ def test_a_video_gives_a_json_line_per_frame_and_an_mp4(media):
     assert "and 7 video frame(s)" in done.stderr
 
 
+@pytest.mark.integration  # runs a command in a subprocess (Python and PyTorch start-up)
 def test_a_glob_takes_the_images_it_matches(media):
     done = cpm_predict(media, str(media["folder"] / "p[0-2].png"))
     assert done.returncode == 0, done.stderr
@@ -118,6 +122,7 @@ def test_a_glob_takes_the_images_it_matches(media):
         str(media["folder"] / f"p{i}.png") for i in range(3)]
 
 
+@pytest.mark.integration  # runs a command in a subprocess (Python and PyTorch start-up)
 @pytest.mark.parametrize("make, needle", [
     (lambda tmp: tmp / "broken.mp4", "video"),
     (lambda tmp: tmp / "only_broken", "nothing could be read"),
@@ -137,6 +142,7 @@ def test_bad_input_is_one_line_and_exit_2(media, make, needle):
     assert needle in lines[0] and target.name in lines[0]
 
 
+@pytest.mark.integration  # runs a command in a subprocess (Python and PyTorch start-up)
 def test_loading_a_checkpoint_imports_neither_ray_nor_mlflow(media):
     code = ("import sys, cpm_model; p = cpm_model.load(sys.argv[1], device='cpu'); p.predict(sys.argv[2]); "
             "print(sorted(m for m in ('ray', 'mlflow', 'h5py') if m in sys.modules))")

@@ -45,6 +45,7 @@ def cli(cwd: Path, *args: str) -> subprocess.CompletedProcess:
                           env={**os.environ, "PYTHONPATH": str(REPO)})
 
 
+@pytest.mark.integration  # runs a command in a subprocess (Python and PyTorch start-up)
 def test_every_command_defaults_to_the_default_preset_and_print_config_needs_no_out(tmp_path):
     default = load_config(DEFAULT_PRESET)
     assert (default.name, default.preprocess.input_size, default.model.stages) == ("default", 64, 3)

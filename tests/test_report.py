@@ -8,6 +8,7 @@ import statistics
 
 import pytest
 from mlflow import MlflowClient
+from mlflow.entities import Metric, Param
 
 from pipeline import report
 from pipeline.reporting import tables
@@ -36,23 +37,20 @@ def _log_trial(client, experiment_id, parent_id, key, pck, status="FINISHED", dr
     name = f"T={stages} rf={rf}px is={'on' if sup else 'off'} seed={seed}"
     run = client.create_run(experiment_id, run_name=name,
                             tags={"cpm.run_kind": "trial", "mlflow.parentRunId": parent_id})
-    for k, v in _params(*key).items():
-        if k != drop_param:
-            client.log_param(run.info.run_id, k, v)
+    params = [Param(k, str(v)) for k, v in _params(*key).items() if k != drop_param]
+    metrics = []
     for epoch, scale in ((1, 0.5), (2, 1.0)):  # epoch 2 is the best one
-        client.log_metric(run.info.run_id, "pck", pck * scale, step=epoch)
-        for t in range(1, stages + 1):
-            client.log_metric(run.info.run_id, f"pck_stage{t}", pck * scale * t / stages, step=epoch)
-        for j, joint in enumerate(JOINTS):
-            client.log_metric(run.info.run_id, f"pck_{joint}", pck * scale + 0.1 * j, step=epoch)
-        client.log_metric(run.info.run_id, "pck_0.1", pck * scale / 2, step=epoch)
+        metrics.append(Metric("pck", pck * scale, 0, epoch))
+        metrics += [Metric(f"pck_stage{t}", pck * scale * t / stages, 0, epoch) for t in range(1, stages + 1)]
+        metrics += [Metric(f"pck_{joint}", pck * scale + 0.1 * j, 0, epoch) for j, joint in enumerate(JOINTS)]
+        metrics.append(Metric("pck_0.1", pck * scale / 2, 0, epoch))
     if status == "FINISHED":
         best = {"best_pck": pck, **{f"best_pck_stage{t}": pck * t / stages for t in range(1, stages + 1)},
                 **{f"best_pck_{joint}": pck + 0.1 * j for j, joint in enumerate(JOINTS)},
                 "test_pck": pck - 0.05, "test_auc": pck / 2}
         best.update({f"test_pck_curve_a{a:.2f}": min(1.0, pck * a / 0.2) for a in (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)})
-        for k, v in best.items():
-            client.log_metric(run.info.run_id, k, v, step=2)
+        metrics += [Metric(k, v, 0, 2) for k, v in best.items()]
+    client.log_batch(run.info.run_id, params=params, metrics=metrics)  # one write a run: commits are the cost
     if error:
         client.set_tag(run.info.run_id, "cpm.error", error)
     client.set_terminated(run.info.run_id, status=status)

@@ -116,6 +116,7 @@ def test_only_the_stores_own_errors_are_transient_or_rejected():
         assert failure_kind(bug) is None
 
 
+@pytest.mark.integration  # waits out MLflow's 20 s SQLite busy timeout
 def test_a_locked_store_queues_the_write_and_sends_it_once_free(sqlite_store, tmp_path):
     """A SQLite store another process holds locked: MLflow answers TEMPORARILY_UNAVAILABLE (after
     its 20 s busy timeout), the write waits in the queue and the spool, and goes out once free."""
