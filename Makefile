@@ -73,6 +73,6 @@ test: install services
 	$(PYTHON) -m pytest -q $(XDIST) -m "not alone" --durations=20 $(PYTEST_ARGS) || [ $$? -eq 5 ]
 	$(PYTHON) -m pytest -q -m alone --durations=5 $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
-# The unit tests only (no services, no Ray cluster, no training subprocess): for the edit-test loop.
+# The unit tests only (no services, no Ray cluster, no command in a subprocess): for the edit-test loop.
 test-fast: install
 	$(PYTHON) -m pytest -q $(XDIST) -m "not integration" --durations=10 $(PYTEST_ARGS)
