@@ -55,10 +55,20 @@ def kill_processes_mentioning(marker: str) -> int:
     return killed
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Each phase's report on the test item (`item.report_call`, ...), for fixtures that keep
+    evidence when the test failed."""
+    report = yield
+    setattr(item, f"report_{report.when}", report)
+    return report
+
+
 @pytest.fixture
-def ray_tmpdir():
+def ray_tmpdir(request, tmp_path):
     """A short temp dir for a test's own Ray cluster(s) (RAY_TMPDIR); every Ray process carries it
-    on its command line, so teardown stops exactly this test's clusters and no one else's."""
+    on its command line, so teardown stops exactly this test's clusters and no one else's. When the
+    test failed, the clusters' logs are kept in its tmp_path (ray-logs/) before the dir goes."""
     import shutil
     import tempfile
 
@@ -67,4 +77,10 @@ def ray_tmpdir():
         yield path
     finally:
         kill_processes_mentioning(path)
+        report = getattr(request.node, "report_call", None)
+        if report is not None and report.failed:
+            for logs in Path(path).glob("session_*/logs"):
+                if not logs.parent.is_symlink():  # session_latest points at one of them
+                    shutil.copytree(logs, tmp_path / "ray-logs" / logs.parent.name, dirs_exist_ok=True)
+            print(f"Ray logs of the failed test kept in {tmp_path / 'ray-logs'}")
         shutil.rmtree(path, ignore_errors=True)
