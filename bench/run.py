@@ -285,8 +285,8 @@ def part_precision(figures, args, tmp: Path) -> None:
                                       device=str(device), auto_takes_bf16=use_bf16("auto", device)))
 
 
-PARTS = {"overhead": part_overhead, "precision": part_precision, "paper": part_paper, "read": part_read, "gradients": part_gradients,
-         "memory": part_memory, "distributed": part_distributed}
+PARTS = {"overhead": part_overhead, "precision": part_precision, "paper": part_paper, "read": part_read,
+         "gradients": part_gradients, "memory": part_memory, "distributed": part_distributed}
 
 
 def machine() -> dict:

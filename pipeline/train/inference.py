@@ -33,8 +33,8 @@ def use_bf16(precision: str, device: torch.device) -> bool:
     """'auto': bf16 autocast on CUDA devices that support it and on CPUs with bf16 instructions.
 
     A CPU without them emulates bf16 in software: a training step of the `lspet_cpu` network ran 8x
-    slower under bf16 than in fp32 on an AVX2-only CPU, while bf16 (with channels_last) made the
-    default network's step 3x faster on one with AVX512-BF16 (bench/RESULTS.md, "Precision")."""
+    slower under bf16 than in fp32 on an AVX2-only CPU (bench/RESULTS.md, "Precision"), while bf16
+    with channels_last made the default network's step 3x faster on the CPU of the "Speed" figures."""
     if precision == "fp32":
         return False
     if precision == "bf16":
@@ -50,7 +50,7 @@ BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # x86 flags, as Linux names them i
 @functools.cache
 def cpu_has_bf16_instructions(cpuinfo: str = "/proc/cpuinfo") -> bool:
     """Whether this CPU computes in bf16 natively (AVX512-BF16 or AMX-BF16); False where the flags
-    cannot be read (another OS): fp32 is never the slow choice."""
+    cannot be read (another OS): fp32 is never the emulated choice."""
     try:
         with open(cpuinfo) as lines:
             flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
