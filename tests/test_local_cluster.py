@@ -4,7 +4,7 @@ keeps working beside another cluster on the same machine.
 Ray's state API, which Ray Train's controller, state actor and placement-group cleaner call from
 inside the cluster, finds "the" cluster by scanning the machine for raylet processes when
 RAY_ADDRESS is "local" or unset; with two raylets it raises "Found multiple active Ray instances"
-and a trial's controller can hang. The second raylet here is a real process that Ray's scan takes
+and Ray Train's checks of its controller fail. The second raylet here is a real process that Ray's scan takes
 for one (an executable named `raylet` with a `--gcs-address` flag).
 """
 

@@ -121,7 +121,7 @@ def _start_local_ray(runtime_env: dict | None) -> None:
 
     Inside a cluster started here RAY_ADDRESS is "local" or unset, and Ray's state API (which Ray
     Train's controller and placement-group cleaner call) then scans the machine for raylets: with
-    a second cluster on the machine it finds two and raises, and a trial can hang. Naming this
+    a second cluster on the machine it finds two and raises in those checks. Naming this
     cluster's API server (its dashboard) in the environment the raylet and workers inherit tells
     them which one is theirs."""
     with socket.socket() as probe:
