@@ -65,14 +65,23 @@ def serving(command: list[str], port: int, log: Path, workdir: Path, env: dict, 
                 os.killpg(server.pid, signal.SIGKILL)
 
 
+# MLflow 3's server also starts a job runner and seven huey consumer processes (GenAI jobs, which
+# this project never runs); without them a server answers /health about 3x sooner on 2 busy cores.
+MLFLOW_SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
+def mlflow_server_command(port: int, backend_store_uri: str, workdir: Path) -> list[str]:
+    return [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+            "--workers", "1",  # one worker starts fast on a small machine
+            "--backend-store-uri", backend_store_uri, "--artifacts-destination", str(workdir / "artifacts")]
+
+
 @contextlib.contextmanager
 def mlflow_server(backend_store_uri: str, workdir: Path):
     """`mlflow server` on a free loopback port; yields its base URL (http://127.0.0.1:PORT)."""
     port = free_port()
-    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-               "--workers", "1",  # one worker starts fast on a small machine
-               "--backend-store-uri", backend_store_uri, "--artifacts-destination", str(workdir / "artifacts")]
-    with serving(command, port, workdir / f"mlflow-server-{port}.log", workdir, {}) as base:
+    command = mlflow_server_command(port, backend_store_uri, workdir)
+    with serving(command, port, workdir / f"mlflow-server-{port}.log", workdir, MLFLOW_SERVER_ENV) as base:
         yield base
 
 

@@ -22,6 +22,7 @@ def test_cluster_config_is_valid_for_ray(cluster_config):
 def test_mlflow_server_is_bound_to_the_head_only(cluster_config):
     commands = " ".join(cluster_config["head_start_ray_commands"])
     assert "mlflow server --host 127.0.0.1" in commands
+    assert "MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false" in commands  # no job runner processes
     assert "--dashboard-host=127.0.0.1" in commands
 
 

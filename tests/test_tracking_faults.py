@@ -8,13 +8,12 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
-from services import LOOPBACK_ENV, free_port, wait_healthy
+from services import LOOPBACK_ENV, MLFLOW_SERVER_ENV, free_port, mlflow_server_command, wait_healthy
 from test_sweep_integration import _wait_for, sweep_command, sweep_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -38,12 +37,11 @@ class RestartableServer:
     def start(self) -> None:
         self.starts += 1
         log = self.workdir / f"server-{self.starts}.log"
-        command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
-                   "--workers", "1", "--backend-store-uri", f"sqlite:///{self.workdir / 'mlflow.db'}",
-                   "--artifacts-destination", str(self.workdir / "artifacts")]
+        command = mlflow_server_command(self.port, f"sqlite:///{self.workdir / 'mlflow.db'}", self.workdir)
         with log.open("w") as handle:
             self.process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, cwd=self.workdir,
-                                            env={**os.environ, **LOOPBACK_ENV}, start_new_session=True)
+                                            env={**os.environ, **LOOPBACK_ENV, **MLFLOW_SERVER_ENV},
+                                            start_new_session=True)
         try:
             wait_healthy(self.base, self.process, log)
         except BaseException:  # pytest.fail included: a server that never answered is stopped, not left behind
