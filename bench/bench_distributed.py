@@ -11,6 +11,9 @@
 - default: wall time of the embedded default sweep (`python pipeline/sweep.py`), end to end.
 - train_floor: Ray Train's own part of a trial's start-up: `TorchTrainer.fit()` of an empty loop
   (one worker), four times in one local cluster, from the call to the loop's first line.
+- report_cadence: a one-worker `TorchTrainer.fit()` whose loop reports 10 "epochs" of 0.2 s each,
+  once per controller poll interval (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S: Ray's 2 s, then shorter);
+  a report waits until the controller has taken the one before, so short epochs wait for the poll.
 Everything runs in temporary directories (caches, checkpoints, MLflow) removed afterwards.
 """
 
@@ -118,6 +121,18 @@ def default_job(tmp: Path) -> dict:
     return {"wall_s": wall, "trials": len(trials), **sweep_ratio(tmp), "trial_mean": mean, "per_trial": trials}
 
 
+def start_local_cluster_like_a_sweep() -> None:
+    """A local cluster as `pipeline/sweep.py` starts one (RAY_ADDRESS=local): with its dashboard,
+    which Ray Train's placement-group cleaner asks about the controller every second; without it
+    (or with a stale cluster address on the machine) each of those calls waits out a 10 s timeout
+    and every fit() ends about 12 s late."""
+    sys.path.insert(0, str(REPO))
+    from pipeline.distributed.runner import connect_ray
+
+    os.environ["RAY_ADDRESS"] = "local"
+    connect_ray()
+
+
 def _empty_loop(config: dict) -> None:
     Path(config["marker"]).write_text(repr(time.time()))
 
@@ -127,7 +142,7 @@ def train_floor(tmp: Path) -> dict:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    start_local_cluster_like_a_sweep()
     try:
         to_loop, fits = [], []
         for attempt in range(4):
@@ -143,15 +158,61 @@ def train_floor(tmp: Path) -> dict:
     return {"fit_to_loop_s": to_loop, "fit_s": fits}
 
 
+def _reporting_loop(config: dict) -> None:
+    import ray.train
+
+    for epoch in range(config["epochs"]):
+        time.sleep(config["epoch_s"])
+        ray.train.report({"epoch": epoch + 1})
+    Path(config["marker"]).write_text(repr(time.time()))
+
+
+REPORT_CADENCE_INTERVALS_S = ("2.0", "0.5", "0.25")  # Ray Train's default first
+
+
+def report_cadence(tmp: Path, epochs: int = 10, epoch_s: float = 0.2, repeats: int = 2) -> dict:
+    """fit() wall time and the loop's own time (10 reports) under each controller poll interval,
+    each interval `repeats` times in turn in one local cluster."""
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    env_var = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+    before = os.environ.get(env_var)
+    figures = {interval: {"fit_s": [], "loop_end_s": []} for interval in REPORT_CADENCE_INTERVALS_S}
+    start_local_cluster_like_a_sweep()
+    try:
+        for attempt in range(repeats):
+            for interval in REPORT_CADENCE_INTERVALS_S:
+                os.environ[env_var] = interval  # Train copies it to its controller at fit()
+                marker = tmp / f"loop-ended-{interval}-{attempt}"
+                start = time.time()
+                TorchTrainer(_reporting_loop, train_loop_config={"marker": str(marker), "epochs": epochs,
+                                                                 "epoch_s": epoch_s},
+                             scaling_config=ScalingConfig(num_workers=1),
+                             run_config=RunConfig(name=f"cadence-{interval}-{attempt}",
+                                                  storage_path=str(tmp / "ray"))).fit()
+                figures[interval]["fit_s"].append(round(time.time() - start, 2))
+                figures[interval]["loop_end_s"].append(round(float(marker.read_text()) - start, 2))
+    finally:
+        ray.shutdown()
+        if before is None:
+            os.environ.pop(env_var, None)
+        else:
+            os.environ[env_var] = before
+    return {"epochs": epochs, "epoch_s": epoch_s, "by_interval_s": figures}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--part", nargs="+", default=["overhead", "scaling", "default"],
-                        choices=["overhead", "scaling", "default", "train_floor"])
+                        choices=["overhead", "scaling", "default", "train_floor", "report_cadence"])
     parser.add_argument("--json", default=None, help="write the figures to this JSON file")
     args = parser.parse_args()
     figures = {"date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(), "python": platform.python_version(),
                "load_before": os.getloadavg()}
-    parts = {"overhead": overhead, "scaling": scaling, "default": default_job, "train_floor": train_floor}
+    parts = {"overhead": overhead, "scaling": scaling, "default": default_job, "train_floor": train_floor,
+             "report_cadence": report_cadence}
     for name in args.part:
         with tempfile.TemporaryDirectory(prefix=f"cpm-bench-{name}-") as tmp:
             figures[name] = parts[name](Path(tmp))

@@ -34,25 +34,55 @@ def lspet_dir() -> Path:
     return LSPET_DIR
 
 
-def kill_processes_mentioning(marker: str) -> int:
-    """SIGKILL every process whose command line contains `marker`; returns how many."""
+def _processes() -> dict[int, tuple[int, int, str]]:
+    """pid -> (parent pid, session id, command line and environment) of every process we can read."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            text = (entry / "cmdline").read_bytes().replace(b"\0", b" ") + b"\n" + (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        found[int(entry.name)] = (int(fields[1]), int(fields[3]), text.decode(errors="replace"))
+    return found
+
+
+def _kill(pids) -> int:
     import signal
 
     killed = 0
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if marker in cmdline:
+    for pid in pids:
+        if pid != os.getpid():
             try:
-                os.kill(int(entry.name), signal.SIGKILL)
+                os.kill(pid, signal.SIGKILL)
                 killed += 1
             except OSError:
                 pass
     return killed
+
+
+def kill_processes_mentioning(marker: str) -> int:
+    """SIGKILL every process whose command line or environment contains `marker`, and their
+    descendants; returns how many.
+
+    Descendants too: a cluster's agents rename themselves (ray::DashboardAgent) over their
+    command line and environment, but are the raylet's children."""
+    processes = _processes()
+    doomed = {pid for pid, (_, _, text) in processes.items() if marker in text}
+    grown = True
+    while grown:
+        children = {pid for pid, (parent, _, _) in processes.items() if parent in doomed} - doomed
+        doomed |= children
+        grown = bool(children)
+    return _kill(sorted(doomed))
+
+
+def kill_session(session_id: int) -> int:
+    """SIGKILL every process of a session (a command started with start_new_session and what it
+    started, reparented or not); returns how many."""
+    return _kill(pid for pid, (_, session, _) in _processes().items() if session == session_id)
 
 
 @pytest.hookimpl(wrapper=True)
@@ -84,3 +114,14 @@ def ray_tmpdir(request, tmp_path):
                     shutil.copytree(logs, tmp_path / "ray-logs" / logs.parent.name, dirs_exist_ok=True)
             print(f"Ray logs of the failed test kept in {tmp_path / 'ray-logs'}")
         shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def shared_ray():
+    """One Ray cluster per pytest process (`ray start --head`, 2 CPUs, its own token) for the
+    sweeps that inject no fault into Ray: each joins it instead of starting a cluster of its own.
+    The sweeps that kill Ray's processes or nodes keep their own clusters (ray_tmpdir)."""
+    from services import ray_head
+
+    with ray_head(num_cpus=2) as head:
+        yield head

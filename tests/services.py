@@ -14,6 +14,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -196,3 +197,55 @@ def postgres_server():
         yield server.start()
     finally:
         server.close()
+
+
+@dataclass(frozen=True)
+class RayHead:
+    """A `ray start --head` cluster of the tests: its GCS address and the environment a driver
+    needs to join it (token mode with the cluster's own token)."""
+
+    address: str
+    temp_dir: str
+    env: dict
+
+
+def ray_client_env(base: dict, token: str) -> dict:
+    """`base` with token authentication by `token` and no cluster address of its own."""
+    env = {**base, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "PYTHONUNBUFFERED": "1"}
+    for name in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH", "RAY_TMPDIR"):
+        env.pop(name, None)
+    return env
+
+
+@contextlib.contextmanager
+def ray_head(num_cpus: int):
+    """A one-node Ray cluster (`ray start --head`) with every port chosen free, so that heads of
+    other pytest workers can start beside it, in a temp dir of its own that every one of its
+    processes names on its command line: stopping it kills exactly those, never `ray stop`."""
+    import secrets
+
+    from conftest import kill_processes_mentioning, kill_session
+
+    temp_dir = tempfile.mkdtemp(prefix="rayh", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    token = secrets.token_hex(32)
+    port, dashboard_port = free_port(), free_port()
+    # The state API inside the cluster (Ray Train's controller) must find this cluster's API server,
+    # not scan the machine's raylets: it reads RAY_API_SERVER_ADDRESS, which its processes inherit.
+    env = {**ray_client_env(os.environ, token), "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard_port}"}
+    command = ["ray", "start", "--head", f"--port={port}", f"--num-cpus={num_cpus}", "--disable-usage-stats",
+               f"--temp-dir={temp_dir}", "--include-dashboard=true", f"--dashboard-port={dashboard_port}",
+               f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}"]
+    # A session of its own: every process of the cluster keeps its session id, so teardown finds
+    # them all, the renamed and reparented ones included.
+    starter = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        out, err = starter.communicate(timeout=180)
+        if starter.returncode != 0:
+            pytest.fail(f"ray start --head failed:\n{out[-2000:]}{err[-2000:]}")
+        yield RayHead(f"127.0.0.1:{port}", temp_dir, {**ray_client_env(os.environ, token),
+                                                      "RAY_ADDRESS": f"127.0.0.1:{port}"})
+    finally:
+        kill_session(starter.pid)
+        kill_processes_mentioning(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)

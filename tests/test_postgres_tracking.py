@@ -12,7 +12,7 @@ from pathlib import Path
 import mlflow
 import pytest
 from mlflow import MlflowClient
-from services import LOOPBACK_ENV, mlflow_server, postgres_server
+from services import LOOPBACK_ENV, RayHead, mlflow_server, postgres_server
 from test_sweep_integration import sweep_env
 
 from pipeline.redaction import redact_uri
@@ -54,9 +54,9 @@ def sweep_command(tmp: Path, tracking_uri: str, experiment: str, *extra: str) ->
             "--set", "sweep.max_concurrent_trials=1", *extra]
 
 
-def start_sweep(tmp: Path, ray_tmpdir: str, tracking_uri: str, experiment: str, *extra: str) -> subprocess.Popen:
+def start_sweep(tmp: Path, cluster: str | RayHead, tracking_uri: str, experiment: str, *extra: str) -> subprocess.Popen:
     tmp.mkdir(parents=True, exist_ok=True)
-    env = {**sweep_env(ray_tmpdir), **LOOPBACK_ENV}
+    env = {**sweep_env(cluster), **LOOPBACK_ENV}
     return subprocess.Popen(sweep_command(tmp, tracking_uri, experiment, *extra), cwd=tmp, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -104,14 +104,14 @@ def runs_in_database(postgres, database: str, experiment: str) -> dict[str, dict
 # Alone: beside other sweeps under load the one-worker `mlflow server` answered after MLflow's 10 s
 # read timeout, and a sweep exited or left duplicate RUNNING runs (seen twice under `pytest -n 2`).
 @pytest.mark.alone
-def test_two_sweeps_at_once_through_an_mlflow_server_on_postgres(postgres, tmp_path, ray_tmpdir):
+def test_two_sweeps_at_once_through_an_mlflow_server_on_postgres(postgres, tmp_path, shared_ray):
     database_uri = postgres.create_database("sweeps", "tracker", PASSWORD)
     with mlflow_server(database_uri, tmp_path) as base:
-        # Each sweep its own Ray cluster (RAY_ADDRESS=local, own temp dir), storage and experiment;
-        # the second one names the server with a user:token (ignored by a server without auth).
+        # Two drivers on one Ray cluster, each with its own storage and experiment; the second one
+        # names the server with a user:token (ignored by a server without auth).
         with_token = base.replace("http://", f"http://cpm:{TOKEN}@")
-        first = start_sweep(tmp_path / "a", f"{ray_tmpdir}/a", base, "pg-a", "--set", "sweep.grid={model.stages: [1, 2]}")
-        second = start_sweep(tmp_path / "b", f"{ray_tmpdir}/b", with_token, "pg-b")
+        first = start_sweep(tmp_path / "a", shared_ray, base, "pg-a", "--set", "sweep.grid={model.stages: [1, 2]}")
+        second = start_sweep(tmp_path / "b", shared_ray, with_token, "pg-b")
         (out_a, _), (out_b, err_b) = finish(first), finish(second)
 
         client = MlflowClient(base)
@@ -141,9 +141,9 @@ def test_two_sweeps_at_once_through_an_mlflow_server_on_postgres(postgres, tmp_p
 @integration
 @slow
 @shared_postgres
-def test_sweep_straight_into_postgres_stores_and_prints_no_password(postgres, tmp_path, ray_tmpdir):
+def test_sweep_straight_into_postgres_stores_and_prints_no_password(postgres, tmp_path, shared_ray):
     uri = postgres.create_database("direct", "direct_user", PASSWORD)
-    out, err = finish(start_sweep(tmp_path, ray_tmpdir, uri, "pg-direct"))
+    out, err = finish(start_sweep(tmp_path, shared_ray, uri, "pg-direct"))
     assert f"Tracking: {redact_uri(uri)}" in out
     assert PASSWORD not in out + err
 

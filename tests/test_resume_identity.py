@@ -1,4 +1,4 @@
-"""A sweep's identity on a real local Ray cluster and SQLite store: a reused id, a resume with
+"""A sweep's identity on a real Ray cluster (the session's shared one) and SQLite store: a reused id, a resume with
 another config or tracking store are refused before Ray starts; `--resume --retry-failed` runs a
 failed trial again in its MLflow run once its cause is fixed.
 
@@ -8,7 +8,6 @@ worker raises); the test writes a valid weights file before the retry, with the 
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -16,8 +15,8 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import kill_processes_mentioning
 from mlflow import MlflowClient
+from services import RayHead
 
 from pipeline.distributed import identity as sweep_identity
 
@@ -38,9 +37,8 @@ def command(tmp: Path, *extra: str, uri: str | None = None) -> list[str]:
             "--set", f"sweep.grid={{train.init_weights: [null, '{weights}']}}", *extra]
 
 
-def run(tmp: Path, ray_dir: str, *extra: str, uri: str | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "RAY_ADDRESS": "local", "RAY_TMPDIR": ray_dir, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run(command(tmp, *extra, uri=uri), cwd=tmp, env=env, capture_output=True, text=True,
+def run(tmp: Path, cluster: RayHead, *extra: str, uri: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(command(tmp, *extra, uri=uri), cwd=tmp, env=cluster.env, capture_output=True, text=True,
                           timeout=500)
 
 
@@ -52,17 +50,13 @@ def trial_runs(tmp: Path) -> dict[str, object]:
 
 
 @pytest.fixture(scope="module")
-def first_sweep():
+def first_sweep(shared_ray):
     """One sweep of two trials; the one whose init weights are missing fails."""
     tmp = Path(tempfile.mkdtemp(prefix="cpm-retry-"))
-    ray_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")
     try:
-        result = run(tmp, ray_dir, "--sweep-id", SWEEP_ID)
-        kill_processes_mentioning(ray_dir)
-        yield tmp, ray_dir, result
+        result = run(tmp, shared_ray, "--sweep-id", SWEEP_ID)
+        yield tmp, shared_ray, result
     finally:
-        kill_processes_mentioning(ray_dir)
-        shutil.rmtree(ray_dir, ignore_errors=True)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -85,22 +79,22 @@ def _assert_refused_before_ray(result: subprocess.CompletedProcess, *expected: s
 
 
 def test_a_reused_sweep_id_without_resume_is_refused(first_sweep):
-    tmp, ray_dir, _ = first_sweep
-    _assert_refused_before_ray(run(tmp, ray_dir, "--sweep-id", SWEEP_ID),
+    tmp, cluster, _ = first_sweep
+    _assert_refused_before_ray(run(tmp, cluster, "--sweep-id", SWEEP_ID),
                                f"sweep id {SWEEP_ID} already exists under {tmp / 'ray'}", f"--resume {SWEEP_ID}")
 
 
 def test_resume_with_another_config_is_refused_naming_the_keys(first_sweep):
-    tmp, ray_dir, _ = first_sweep
-    result = run(tmp, ray_dir, "--resume", SWEEP_ID, "--set", "train.epochs=3", "--set", "train.lr=0.002")
+    tmp, cluster, _ = first_sweep
+    result = run(tmp, cluster, "--resume", SWEEP_ID, "--set", "train.epochs=3", "--set", "train.lr=0.002")
     _assert_refused_before_ray(result, "--resume: the config differs from the sweep's:",
                                "train.epochs 1 -> 3", "train.lr 0.001 -> 0.002", "start a new sweep")
 
 
 def test_resume_with_another_tracking_store_is_refused(first_sweep):
-    tmp, ray_dir, _ = first_sweep
+    tmp, cluster, _ = first_sweep
     other = f"sqlite:///{tmp / 'other.db'}"
-    result = run(tmp, ray_dir, "--resume", SWEEP_ID, uri=other)
+    result = run(tmp, cluster, "--resume", SWEEP_ID, uri=other)
     _assert_refused_before_ray(result, "tracking URI", f"-> {other}")
     assert not (tmp / "other.db").exists()
 
@@ -111,14 +105,14 @@ def test_retry_failed_reruns_the_failed_trial_in_its_run(first_sweep):
     from cpm_model.config import load_config
     from pipeline.train.inference import build_model
 
-    tmp, ray_dir, _ = first_sweep
+    tmp, cluster, _ = first_sweep
     before = trial_runs(tmp)
     # Fix the cause: a weights file that fits the trial's model (synthetic figures: 14 LSP joints).
     config = load_config("synthetic_tiny")
     (tmp / "weights").mkdir()
     torch.save(build_model(config, num_parts=14).state_dict(), tmp / "weights" / "init.pt")
 
-    result = run(tmp, ray_dir, "--resume", SWEEP_ID, "--retry-failed")
+    result = run(tmp, cluster, "--resume", SWEEP_ID, "--retry-failed")
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     after = trial_runs(tmp)
     assert len(after) == 2

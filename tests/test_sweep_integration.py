@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import kill_processes_mentioning
 from mlflow import MlflowClient
-from services import free_port
+from services import RayHead, free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -32,18 +32,22 @@ def sweep_command(tmp: Path, *extra: str) -> list[str]:
             "--set", f"train.epochs={EPOCHS}", "--set", "tracking.experiment=test-sweep", *extra]
 
 
-def sweep_env(ray_tmpdir: str) -> dict:
+def sweep_env(cluster: str | RayHead) -> dict:
+    """The driver's environment: it joins `cluster` (the session's shared cluster), or, given a
+    temp dir, starts a local cluster of its own there (the tests that kill Ray's processes)."""
+    if isinstance(cluster, RayHead):
+        return dict(cluster.env)
     env = dict(os.environ)
-    # Each test's driver starts its own local cluster, in its own temp dir, even when a cluster
-    # (`ray start --head`, e.g. from `make sweep`) is running on this machine: "auto" would join it.
+    # Its own local cluster, in its own temp dir, even when a cluster (`ray start --head`, e.g.
+    # from `make sweep`) is running on this machine: "auto" would join it.
     env["RAY_ADDRESS"] = "local"
-    env["RAY_TMPDIR"] = ray_tmpdir
+    env["RAY_TMPDIR"] = cluster
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
 
-def run_sweep(tmp: Path, ray_tmpdir: str, *extra: str, timeout: float = 400) -> subprocess.CompletedProcess:
-    return subprocess.run(sweep_command(tmp, *extra), cwd=tmp, env=sweep_env(ray_tmpdir), capture_output=True,
+def run_sweep(tmp: Path, cluster: str | RayHead, *extra: str, timeout: float = 400) -> subprocess.CompletedProcess:
+    return subprocess.run(sweep_command(tmp, *extra), cwd=tmp, env=sweep_env(cluster), capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -58,9 +62,9 @@ def epochs_logged(client: MlflowClient, run_id: str) -> list[int]:
     return sorted(m.step for m in client.get_metric_history(run_id, "pck"))
 
 
-def test_sweep_tracks_every_trial_and_survives_a_failing_one(tmp_path, ray_tmpdir):
+def test_sweep_tracks_every_trial_and_survives_a_failing_one(tmp_path, shared_ray):
     # The third trial cannot fit: its batch is larger than the training split.
-    result = run_sweep(tmp_path, ray_tmpdir, "--set", "sweep.variants=[{model.stages: 1}, {model.stages: 3}, "
+    result = run_sweep(tmp_path, shared_ray, "--set", "sweep.variants=[{model.stages: 1}, {model.stages: 3}, "
                                           "{model.stages: 2, train.batch_size: 100000}]", "--register", "cpm-test")
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
@@ -232,9 +236,9 @@ def test_killed_driver_resumes_without_duplicate_runs(tmp_path, ray_tmpdir):
     assert len(sweeps) == 1
 
 
-def test_random_search_with_asha_gives_each_sample_its_own_run(tmp_path, ray_tmpdir):
+def test_random_search_with_asha_gives_each_sample_its_own_run(tmp_path, shared_ray):
     # Two samples of a searched learning rate and sigma (sigma changes the cache: workers build it).
-    result = run_sweep(tmp_path, ray_tmpdir, "--set", "sweep.search={train.lr: {loguniform: [1.0e-3, 5.0e-3]}, "
+    result = run_sweep(tmp_path, shared_ray, "--set", "sweep.search={train.lr: {loguniform: [1.0e-3, 5.0e-3]}, "
                                           "preprocess.sigma: {uniform: [0.8, 1.2]}}",
                        "--set", "sweep.num_samples=2", "--set", "sweep.scheduler=asha", "--set", "train.epochs=2")
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
@@ -249,10 +253,10 @@ def test_random_search_with_asha_gives_each_sample_its_own_run(tmp_path, ray_tmp
         assert run.info.status == "FINISHED" and epochs_logged(client, run.info.run_id)[0] == 1
 
 
-def test_a_diverging_trial_fails_naming_its_step_and_the_sweep_goes_on(tmp_path, ray_tmpdir):
+def test_a_diverging_trial_fails_naming_its_step_and_the_sweep_goes_on(tmp_path, shared_ray):
     # SGD at lr 1e6 on the synthetic figures: the loss is NaN within the first few steps.
     diverging = "T=1 rf=45px is=on lr=1e+06 optimizer=sgd seed=0"
-    result = run_sweep(tmp_path, ray_tmpdir, "--set", "train.epochs=2", "--set",
+    result = run_sweep(tmp_path, shared_ray, "--set", "train.epochs=2", "--set",
                        "sweep.variants=[{model.stages: 1}, {model.stages: 1, train.optimizer: sgd, train.lr: 1.0e+6}]")
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]  # some trials completed
