@@ -116,11 +116,15 @@ def ray_tmpdir(request, tmp_path):
         shutil.rmtree(path, ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def shared_ray():
-    """One Ray cluster per pytest process (`ray start --head`, 2 CPUs, its own token) for the
-    sweeps that inject no fault into Ray: each joins it instead of starting a cluster of its own.
-    The sweeps that kill Ray's processes or nodes keep their own clusters (ray_tmpdir)."""
+    """One Ray cluster (`ray start --head`, 2 CPUs, its own token) for a module's sweeps that
+    inject no fault into Ray: each joins it instead of starting a cluster of its own. The sweeps
+    that kill Ray's processes or nodes keep their own clusters (ray_tmpdir).
+
+    Per module, not per session: an idle cluster costs about 6.4 CPU-seconds a minute here (its
+    dashboard, agents, GCS and raylet), more over a whole run than the ~13 CPU-seconds each
+    cluster start it saves (bench/RESULTS.md, test suite)."""
     from services import ray_head
 
     with ray_head(num_cpus=2) as head:

@@ -47,13 +47,15 @@ def mlflow_server(tmp_path):
         yield base
 
 
-def _run_tiny_sweep(base: str, tmp: Path, cluster: services.RayHead) -> None:
+def _run_tiny_sweep(base: str, tmp: Path, ray_tmpdir: str) -> None:
     grid = "sweep.grid={model.stages: [" + ", ".join(map(str, STAGES)) + "]}"
     command = [sys.executable, str(REPO / "pipeline" / "sweep.py"), "--config", "synthetic_tiny",
                "--tracking-uri", base, "--storage-path", str(tmp / "ray"),
                "--set", f"data.cache_dir={tmp / 'cache'}", "--set", "data.spec=synthetic:300",
                "--set", "train.epochs=2", "--set", grid, "--set", f"tracking.experiment={EXPERIMENT}"]
-    env = {**cluster.env, **services.LOOPBACK_ENV}
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **services.LOOPBACK_ENV)
+    env["RAY_ADDRESS"] = "local"  # the driver starts its own local Ray, even beside a running cluster
+    env["RAY_TMPDIR"] = ray_tmpdir  # in a temp dir of its own, beside other tests' clusters
     result = subprocess.run(command, cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
 
@@ -108,9 +110,9 @@ def _best_effort(action) -> None:
         pass
 
 
-def test_trial_runs_nested_under_the_sweep_in_the_ui(mlflow_server, tmp_path, shared_ray):
+def test_trial_runs_nested_under_the_sweep_in_the_ui(mlflow_server, tmp_path, ray_tmpdir):
     sync_playwright = _chromium_or_fail()
-    _run_tiny_sweep(mlflow_server, tmp_path, shared_ray)
+    _run_tiny_sweep(mlflow_server, tmp_path, ray_tmpdir)
     experiment_id, parent_name, trial_names = _check_rest_contract(mlflow_server)
 
     with sync_playwright() as playwright:

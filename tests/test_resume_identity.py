@@ -1,4 +1,4 @@
-"""A sweep's identity on a real Ray cluster (the session's shared one) and SQLite store: a reused id, a resume with
+"""A sweep's identity on a real Ray cluster (the module's shared one) and SQLite store: a reused id, a resume with
 another config or tracking store are refused before Ray starts; `--resume --retry-failed` runs a
 failed trial again in its MLflow run once its cause is fixed.
 

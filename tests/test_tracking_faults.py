@@ -75,13 +75,13 @@ def epoch_rows(storage: Path) -> list[dict]:
     return rows
 
 
-def test_a_tracking_server_outage_loses_and_duplicates_nothing(tmp_path, server, shared_ray):
+def test_a_tracking_server_outage_loses_and_duplicates_nothing(tmp_path, server, ray_tmpdir):
     command = sweep_command(tmp_path, "--set", "sweep.grid={model.stages: [1, 2]}", "--set", f"train.epochs={EPOCHS}",
                             "--set", "train.max_steps_per_epoch=2", "--set", "tracking.experiment=outage")
     command[command.index("--tracking-uri") + 1] = server.base
     log = tmp_path / "driver.log"
     with log.open("w") as out:
-        proc = subprocess.Popen(command, cwd=tmp_path, env={**sweep_env(shared_ray), **LOOPBACK_ENV}, stdout=out,
+        proc = subprocess.Popen(command, cwd=tmp_path, env={**sweep_env(ray_tmpdir), **LOOPBACK_ENV}, stdout=out,
                                 stderr=subprocess.STDOUT, text=True)
     storage = tmp_path / "ray"
     try:
