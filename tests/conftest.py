@@ -109,7 +109,7 @@ def ray_tmpdir(request, tmp_path):
         kill_processes_mentioning(path)
         report = getattr(request.node, "report_call", None)
         if report is not None and report.failed:
-            for logs in Path(path).glob("session_*/logs"):
+            for logs in Path(path).glob("**/session_*/logs"):  # RAY_TMPDIR=path puts them under path/ray/
                 if not logs.parent.is_symlink():  # session_latest points at one of them
                     shutil.copytree(logs, tmp_path / "ray-logs" / logs.parent.name, dirs_exist_ok=True)
             print(f"Ray logs of the failed test kept in {tmp_path / 'ray-logs'}")
