@@ -220,8 +220,8 @@ def ray_client_env(base: dict, token: str) -> dict:
 @contextlib.contextmanager
 def ray_head(num_cpus: int):
     """A one-node Ray cluster (`ray start --head`) with every port chosen free, so that heads of
-    other pytest workers can start beside it, in a temp dir of its own that every one of its
-    processes names on its command line: stopping it kills exactly those, never `ray stop`."""
+    other pytest workers can start beside it, in a temp dir and a process session of its own:
+    stopping it kills exactly its processes, never `ray stop`."""
     import secrets
 
     from conftest import kill_processes_mentioning, kill_session
