@@ -24,9 +24,6 @@ from pipeline.distributed.worker import DIVERGED_FILE, worker_loop
 from pipeline.train import metric_names as names
 from pipeline.train.scoring import protocol_for
 
-TRAIN_POLL_INTERVAL_S = "0.5"
-
-
 def _process_start_time() -> float | None:
     """When this process started (wall clock; for a trial's actor, about when Tune launched it),
     from Linux's /proc; None elsewhere."""
@@ -52,11 +49,6 @@ def run_trial(trial_config: dict, specs: dict[str, TrialSpec], plan: ResourcePla
     if plan.use_gpu:
         resources["GPU"] = plan.gpus_per_worker
     run_name = f"{sweep_id}-{spec.key}"
-    # Ray Train's controller takes a worker's report when it polls the workers, every 2 s by
-    # default, and the worker's next report waits until then: epochs shorter than that wait for it
-    # (bench/RESULTS.md, report cadence). Polls are cheap; Train copies the variable to its
-    # controller, and a value the cluster sets wins.
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", TRAIN_POLL_INTERVAL_S)
     if plan.workers_per_trial == 1:
         # Ray Train's preemption watcher drains a worker group gracefully before its node goes away;
         # a one-worker trial restarts from its checkpoint either way (FailureConfig), and each watcher
@@ -93,4 +85,34 @@ def run_trial(trial_config: dict, specs: dict[str, TrialSpec], plan: ResourcePla
     # Tell the driver where the artifacts and the best checkpoint are (it logs them to MLflow).
     best_epoch = result.metrics.get(names.BEST_EPOCH) if result.metrics else None
     best = next((cp for cp, row in result.best_checkpoints if row.get(names.EPOCH) == best_epoch), None)
+    _wait_until_train_reports_are_taken()
     tune.report({names.ARTIFACTS_DIR: artifacts_dir, names.BEST_CHECKPOINT_DIR: best.path if best else ""})
+
+
+def _wait_until_train_reports_are_taken(settle_s: float = 1.0, poll_s: float = 0.1) -> None:
+    """Wait until Tune has taken every report Ray Train passed on (TuneReportCallback puts them
+    into a one-slot queue actor that this actor's main thread drains when Tune asks for a result).
+
+    Without the wait a trial could hang for good: this thread's own `tune.report` fills the
+    one-slot result queue while the last Train report still waits in the queue actor; the main
+    thread then takes that report and blocks putting it into the full result queue, which only it
+    drains. The symptom (seen under load): every epoch logged, the last report (the test split's
+    metrics) never reaching Tune, the trial RUNNING forever."""
+    from ray.train._internal.session import get_session
+
+    session = get_session()
+    pending = getattr(session, "_inter_actor_queue", None) if session else None
+    if pending is None:
+        return
+    try:
+        quiet_since = None
+        while True:
+            if pending.empty() and session.result_queue.empty():
+                quiet_since = quiet_since or time.monotonic()
+                if time.monotonic() - quiet_since >= settle_s:  # the main thread has put what it took
+                    return
+            else:
+                quiet_since = None
+            time.sleep(poll_s)
+    except Exception:  # the queue actor is gone: nothing is left to hand over
+        return
