@@ -201,11 +201,9 @@ def postgres_server():
 
 @dataclass(frozen=True)
 class RayHead:
-    """A `ray start --head` cluster of the tests: its GCS address and the environment a driver
-    needs to join it (token mode with the cluster's own token)."""
+    """A `ray start --head` cluster of the tests, as the environment a driver needs to join it (its
+    GCS address in RAY_ADDRESS, token mode with the cluster's own token)."""
 
-    address: str
-    temp_dir: str
     env: dict
 
 
@@ -243,8 +241,7 @@ def ray_head(num_cpus: int):
         out, err = starter.communicate(timeout=180)
         if starter.returncode != 0:
             pytest.fail(f"ray start --head failed:\n{out[-2000:]}{err[-2000:]}")
-        yield RayHead(f"127.0.0.1:{port}", temp_dir, {**ray_client_env(os.environ, token),
-                                                      "RAY_ADDRESS": f"127.0.0.1:{port}"})
+        yield RayHead({**ray_client_env(os.environ, token), "RAY_ADDRESS": f"127.0.0.1:{port}"})
     finally:
         kill_session(starter.pid)
         kill_processes_mentioning(temp_dir)
