@@ -62,17 +62,34 @@ def epochs_logged(client: MlflowClient, run_id: str) -> list[int]:
     return sorted(m.step for m in client.get_metric_history(run_id, "pck"))
 
 
-def test_sweep_tracks_every_trial_and_survives_a_failing_one(tmp_path, shared_ray):
-    # The third trial cannot fit: its batch is larger than the training split.
-    result = run_sweep(tmp_path, shared_ray, "--set", "sweep.variants=[{model.stages: 1}, {model.stages: 3}, "
-                                          "{model.stages: 2, train.batch_size: 100000}]", "--register", "cpm-test")
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-3000:]
+# The three sweeps on the module's shared cluster run on one pytest worker, so that they share it.
+on_shared_cluster = pytest.mark.xdist_group("sweep-shared-cluster")
+FAILED_NAME = "T=2 rf=109px is=on batch_size=100000 seed=0"
+DIVERGING_NAME = "T=1 rf=45px is=on lr=1e+06 optimizer=sgd seed=0"
+
+
+@pytest.fixture(scope="module")
+def sweep_with_failures(tmp_path_factory, shared_ray):
+    """One sweep, two tests: two trials that finish, one that cannot start (its batch is larger
+    than the training split) and one that diverges (SGD at lr 1e6 on the synthetic figures: the
+    loss is NaN within the first few steps). One sweep instead of two saves a driver and a trial
+    (about a minute of the suite's CPU)."""
+    tmp = tmp_path_factory.mktemp("failures")
+    result = run_sweep(tmp, shared_ray, "--set", "sweep.variants=[{model.stages: 1}, {model.stages: 3}, "
+                                   "{model.stages: 2, train.batch_size: 100000}, "
+                                   "{model.stages: 1, train.optimizer: sgd, train.lr: 1.0e+6}]", "--register", "cpm-test")
+    return tmp, result.returncode, result.stdout + result.stderr
+
+
+@on_shared_cluster
+def test_sweep_tracks_every_trial_and_survives_a_failing_one(sweep_with_failures):
+    tmp_path, returncode, output = sweep_with_failures
+    assert returncode == 0, output[-3000:]
 
     client, runs = trial_runs(tmp_path)
     by_name = {r.info.run_name: r for r in runs}
-    failed_name = "T=2 rf=109px is=on batch_size=100000 seed=0"
-    assert sorted(by_name) == ["T=1 rf=45px is=on seed=0", failed_name, "T=3 rf=173px is=on seed=0"]
+    failed_name = FAILED_NAME
+    assert sorted(by_name) == [DIVERGING_NAME, "T=1 rf=45px is=on seed=0", failed_name, "T=3 rf=173px is=on seed=0"]
     parents = {r.data.tags["mlflow.parentRunId"] for r in runs}
     assert len(parents) == 1
     parent = client.get_run(parents.pop())
@@ -238,6 +255,7 @@ def test_killed_driver_resumes_without_duplicate_runs(tmp_path, ray_tmpdir):
     assert len(sweeps) == 1
 
 
+@on_shared_cluster
 def test_random_search_with_asha_gives_each_sample_its_own_run(tmp_path, shared_ray):
     # Two samples of a searched learning rate and sigma (sigma changes the cache: workers build it).
     result = run_sweep(tmp_path, shared_ray, "--set", "sweep.search={train.lr: {loguniform: [1.0e-3, 5.0e-3]}, "
@@ -255,23 +273,22 @@ def test_random_search_with_asha_gives_each_sample_its_own_run(tmp_path, shared_
         assert run.info.status == "FINISHED" and epochs_logged(client, run.info.run_id)[0] == 1
 
 
-def test_a_diverging_trial_fails_naming_its_step_and_the_sweep_goes_on(tmp_path, shared_ray):
-    # SGD at lr 1e6 on the synthetic figures: the loss is NaN within the first few steps.
-    diverging = "T=1 rf=45px is=on lr=1e+06 optimizer=sgd seed=0"
-    result = run_sweep(tmp_path, shared_ray, "--set", "train.epochs=2", "--set",
-                       "sweep.variants=[{model.stages: 1}, {model.stages: 1, train.optimizer: sgd, train.lr: 1.0e+6}]")
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-3000:]  # some trials completed
+@on_shared_cluster
+def test_a_diverging_trial_fails_naming_its_step_and_the_sweep_goes_on(sweep_with_failures):
+    tmp_path, returncode, output = sweep_with_failures
+    diverging = DIVERGING_NAME
+    assert returncode == 0, output[-3000:]  # some trials completed
     client, runs = trial_runs(tmp_path)
-    by_status = {r.info.status: r for r in runs}
-    assert sorted(by_status) == ["FAILED", "FINISHED"], [(r.info.run_name, r.info.status) for r in runs]
-    failed, finished = by_status["FAILED"], by_status["FINISHED"]
-    assert failed.data.params["train.lr"] == "1000000.0" and failed.info.run_name == diverging
+    by_name = {r.info.run_name: r for r in runs}
+    failed, finished = by_name[diverging], by_name["T=1 rf=45px is=on seed=0"]
+    assert (failed.info.status, finished.info.status) == ("FAILED", "FINISHED"), sorted(
+        (r.info.run_name, r.info.status) for r in runs)
+    assert failed.data.params["train.lr"] == "1000000.0" and failed.data.params["train.optimizer"] == "sgd"
     error = failed.data.tags["cpm.error"]
     assert re.search(r"loss became (NaN|inf) at epoch 1, step \d+ ", error.splitlines()[0]), error[:500]
     # Stopped in its first epoch: no NaN epoch reached MLflow, and Ray Train did not retry it.
     assert epochs_logged(client, failed.info.run_id) == []
-    assert epochs_logged(client, finished.info.run_id) == [1, 2]
+    assert epochs_logged(client, finished.info.run_id) == list(range(1, EPOCHS + 1))
     assert f"{diverging}: FAILED" in output
 
 
