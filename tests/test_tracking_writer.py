@@ -138,3 +138,47 @@ def test_a_locked_store_queues_the_write_and_sends_it_once_free(sqlite_store, tm
         lock.close()
     assert writer.drain(60) and "is back after" in messages[-1] and not spool.exists()
     assert client.get_run(writer.run_id(ref)).data.tags["cpm.note"] == "queued"
+
+
+def test_a_stop_signal_during_a_write_waits_for_it_then_closes_the_runs(sqlite_store, tmp_path):
+    """`ray job stop` sends SIGTERM and SIGKILLs 3 s later. A signal that lands while a write holds
+    the SQLite store's lock is handled once that write is done: the write goes out once and the runs
+    are closed KILLED at once. Handled inside the write, the handler's own writes would send it again
+    and wait on its lock for MLflow's 20 s busy timeout, past the SIGKILL."""
+    import os
+    import signal
+    import sqlite3
+    import time
+
+    from pipeline.distributed.interrupts import SweepStopped, stop_signals, uninterrupted
+    from pipeline.distributed.runner import _end_runs
+
+    uri, client, ref = sqlite_store
+    parent_ref = run_ref(ref["experiment_id"], {store.SWEEP_TAG: "sweep-1", store.KIND_TAG: "sweep"})
+    messages = []
+    writer = TrackingWriter(uri, tmp_path / "mlflow_spool.jsonl", log=messages.append, uninterrupted=uninterrupted)
+    parent_run_id, _ = store.get_or_create_run(client, ref["experiment_id"], parent_ref["identity"], "sweep-1")
+    writer.register(parent_ref, parent_run_id)  # the sweep's run, as the driver opens it
+    writer.submit(OpenRun(run=ref, run_name="T=1 trial"))
+    log_batch = writer.client.log_batch
+
+    def log_batch_signalled_holding_the_lock(*args, **kwargs):
+        writer.client.log_batch = log_batch  # once
+        lock = sqlite3.connect(tmp_path / "mlflow.db", isolation_level=None)
+        lock.execute("BEGIN IMMEDIATE")  # the store's write lock, as a write holds it mid-transaction
+        os.kill(os.getpid(), signal.SIGTERM)  # Python runs the handler before the next line
+        lock.execute("COMMIT")
+        lock.close()
+        return log_batch(*args, **kwargs)
+
+    writer.client.log_batch = log_batch_signalled_holding_the_lock
+    started = time.monotonic()
+    with pytest.raises(SweepStopped), stop_signals(
+            lambda signum: _end_runs(writer, parent_ref, "KILLED", "sweep stopped by SIGTERM")):
+        writer.submit(LogMetrics(run=ref, metrics={"train_loss": 0.5}, step=1, timestamp=1_700_000_000_000,
+                                 probe="train_loss"))
+    assert time.monotonic() - started < 3, messages
+    run_ids = (writer.run_id(parent_ref), writer.run_id(ref))
+    assert [client.get_run(run_id).info.status for run_id in run_ids] == ["KILLED", "KILLED"]
+    assert [(m.step, m.value) for m in client.get_metric_history(writer.run_id(ref), "train_loss")] == [(1, 0.5)]
+    assert "sweep stopped by SIGTERM: the sweep run and 1 open trial run(s) marked KILLED" in messages[-1]

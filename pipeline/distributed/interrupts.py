@@ -4,7 +4,11 @@ same way: the runs it has open are closed as KILLED, then the driver unwinds and
 
 `ray job stop` sends SIGTERM to the driver and its children and SIGKILLs them after
 RAY_JOB_STOP_WAIT_TIME_S (3 s by default), so the runs are closed first, inside the handler,
-before any slow unwinding (Ray and Tune shutting down their actors)."""
+before any slow unwinding (Ray and Tune shutting down their actors).
+
+A signal that lands inside a write to the tracking store (`uninterrupted`) is handled as soon as
+that write is done: the handler writes too, and cut into the middle of a write it would repeat that
+write and wait on the lock the write holds (SQLite's, for up to its busy timeout), past the SIGKILL."""
 
 from __future__ import annotations
 
@@ -18,6 +22,9 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 _requested: list[int] = []  # the stop signal received inside `stop_signals`, if any
+_on_stop: list[Callable[[int], None]] = []  # what `stop_signals` calls on a stop signal
+_deferred: list[int] = []  # a stop signal received inside `uninterrupted`, handled when it ends
+_uninterrupted_depth = 0
 
 
 class SweepStopped(KeyboardInterrupt):
@@ -40,10 +47,38 @@ def stop_requested() -> int | None:
     return _requested[0] if _requested else None
 
 
+def _stop(signum: int) -> None:
+    try:
+        for on_stop in _on_stop:
+            on_stop(signum)
+    except Exception as exc:  # closing the runs failed: still stop, and say why
+        with contextlib.suppress(Exception):
+            print(f"While stopping: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+    raise SweepStopped(signum)
+
+
+@contextlib.contextmanager
+def uninterrupted() -> Iterator[None]:
+    """A block that a stop signal must not cut into (one write to the tracking store): a signal
+    that arrives inside it is handled when the outermost such block ends, by raising there."""
+    global _uninterrupted_depth
+    if threading.current_thread() is not threading.main_thread():  # signal handlers run in the main thread
+        yield
+        return
+    _uninterrupted_depth += 1
+    try:
+        yield
+    finally:
+        _uninterrupted_depth -= 1
+        if _uninterrupted_depth == 0 and _deferred:
+            _stop(_deferred.pop())
+
+
 @contextlib.contextmanager
 def stop_signals(on_stop: Callable[[int], None]) -> Iterator[None]:
     """Within the block, a stop signal calls `on_stop(signum)` and raises SweepStopped in the main
-    thread. A second signal while `on_stop` runs gets the previous handler (Ctrl+C twice: out now)."""
+    thread (inside `uninterrupted`: when it ends). A second signal while `on_stop` runs gets the
+    previous handler (Ctrl+C twice: out now)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -53,13 +88,12 @@ def stop_signals(on_stop: Callable[[int], None]) -> Iterator[None]:
         for other, old in previous.items():
             signal.signal(other, old)
         _requested.append(signum)
-        try:
-            on_stop(signum)
-        except Exception as exc:  # closing the runs failed: still stop, and say why
-            with contextlib.suppress(Exception):
-                print(f"While stopping: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
-        raise SweepStopped(signum)
+        if _uninterrupted_depth:
+            _deferred.append(signum)
+            return
+        _stop(signum)
 
+    _on_stop.append(on_stop)
     for signum in STOP_SIGNALS:
         signal.signal(signum, handler)
     try:
@@ -68,3 +102,5 @@ def stop_signals(on_stop: Callable[[int], None]) -> Iterator[None]:
         for signum, old in previous.items():
             signal.signal(signum, old)
         _requested.clear()
+        _deferred.clear()
+        _on_stop.remove(on_stop)

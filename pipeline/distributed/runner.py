@@ -15,7 +15,7 @@ from ray import tune
 from cpm_model.config import Distribution, ExperimentConfig
 from pipeline.distributed import identity as sweep_identity
 from pipeline.distributed.cluster_capacity import cluster_capacity
-from pipeline.distributed.interrupts import SweepStopped, stop_requested, stop_signals
+from pipeline.distributed.interrupts import SweepStopped, stop_requested, stop_signals, uninterrupted
 from pipeline.distributed.node_versions import VersionMismatchError, check_cluster_versions
 from pipeline.distributed.progress import SweepProgress
 from pipeline.distributed.resources import TRIAL_DRIVER_RESOURCES, ResourceError, plan_resources
@@ -242,7 +242,7 @@ def _open_sweep_run(config: ExperimentConfig, uri: str, sweep_dir: Path, sweep_i
                     plan) -> SweepRuns:
     """The writer (first sending what a previous driver left spooled) and the sweep's parent run,
     created with its params or reopened on --resume."""
-    writer = TrackingWriter(uri, sweep_dir / SPOOL_FILE).activate(sweep_id)
+    writer = TrackingWriter(uri, sweep_dir / SPOOL_FILE, uninterrupted=uninterrupted).activate(sweep_id)
     writer.drain(DRAIN_TIMEOUT_S)
     client = MlflowClient(uri)
     experiment_id = store.get_or_create_experiment(client, config.tracking.experiment)

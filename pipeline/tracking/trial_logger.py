@@ -164,7 +164,8 @@ class MLflowTrialLogger(tune.Callback):
         """The MLflow status of a trial's run (None: no run, or the store does not answer)."""
         ref = self._identity(trial)[1]
         try:
-            run = store.find_run(self.writer.client, ref["experiment_id"], ref["identity"])
+            with self.writer.uninterrupted():  # a read holds SQLite's lock too: see TrackingWriter.flush
+                run = store.find_run(self.writer.client, ref["experiment_id"], ref["identity"])
         except Exception as exc:  # the store's error: unknown, so close it again (every write of it is idempotent)
             if failure_kind(exc) is None:
                 raise

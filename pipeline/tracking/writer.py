@@ -20,12 +20,13 @@ keys for its step. One batch is committed by the SQL store in one transaction, s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
 from collections import deque
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Callable, ContextManager, Literal
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric
@@ -99,8 +100,12 @@ def active_writer(sweep_id: str) -> "TrackingWriter":
 
 
 class TrackingWriter:
-    def __init__(self, tracking_uri: str, spool_path: Path | None = None, log: Callable[[str], None] | None = None):
+    def __init__(self, tracking_uri: str, spool_path: Path | None = None, log: Callable[[str], None] | None = None,
+                 uninterrupted: Callable[[], ContextManager] = contextlib.nullcontext):
         self.tracking_uri = tracking_uri
+        # Each write runs inside it: the sweep driver's stop signals wait for the write in progress
+        # (pipeline.distributed.interrupts.uninterrupted).
+        self.uninterrupted = uninterrupted
         self.shown_uri = store.redact_uri(tracking_uri)  # for messages: no secrets
         self.client = MlflowClient(tracking_uri)
         self.spool_path = Path(spool_path) if spool_path else None
@@ -175,29 +180,40 @@ class TrackingWriter:
             return False
         progressed = False
         while self.queue:
-            op = self.queue[0]
-            maybe_stored = op.may_be_stored()
-            op.attempts += 1  # counted before: a kill mid-call replays it guarded
-            try:
-                self._execute(op, maybe_stored)
-            except Exception as exc:
-                failure = failure_kind(exc)
-                if failure is None:
-                    self.queue.popleft()
+            # A stop signal waits until this write is done and off the queue: its handler closes
+            # the runs, and cutting in here it would send this write again and wait on its lock.
+            with self.uninterrupted():
+                taken = self._send_first()
+            if not taken:
+                if progressed:
                     self._rewrite_spool()
-                    raise
-                if failure == "transient":
-                    self._note_down(exc)
-                    if progressed:
-                        self._rewrite_spool()
-                    return False
-                self.log(f"Tracking: dropped a '{op.kind}' write the store rejects: {self._short(exc)}")
-            self.queue.popleft()
+                return False
             progressed = True
-            if self._down_since is not None or op.replayed:
-                self.sent_from_queue += 1
         self._note_up()
         self._rewrite_spool()
+        return True
+
+    def _send_first(self) -> bool:
+        """Send the queue's first operation. True when it has left the queue (stored, or rejected
+        by the store and dropped); False when the store is away (it stays first)."""
+        op = self.queue[0]
+        maybe_stored = op.may_be_stored()
+        op.attempts += 1  # counted before: a kill mid-call replays it guarded
+        try:
+            self._execute(op, maybe_stored)
+        except Exception as exc:
+            failure = failure_kind(exc)
+            if failure is None:
+                self.queue.popleft()
+                self._rewrite_spool()
+                raise
+            if failure == "transient":
+                self._note_down(exc)
+                return False
+            self.log(f"Tracking: dropped a '{op.kind}' write the store rejects: {self._short(exc)}")
+        self.queue.popleft()
+        if self._down_since is not None or op.replayed:
+            self.sent_from_queue += 1
         return True
 
     def drain(self, timeout_s: float) -> bool:
