@@ -24,6 +24,11 @@ from pipeline.distributed.worker import DIVERGED_FILE, worker_loop
 from pipeline.train import metric_names as names
 from pipeline.train.scoring import protocol_for
 
+# Ray Train's controller takes a worker's report when it polls the workers (every 2 s by default),
+# and the worker's next report waits until then: epochs shorter than that wait for it.
+TRAIN_POLL_INTERVAL_S = "0.5"
+
+
 def _process_start_time() -> float | None:
     """When this process started (wall clock; for a trial's actor, about when Tune launched it),
     from Linux's /proc; None elsewhere."""
@@ -49,6 +54,9 @@ def run_trial(trial_config: dict, specs: dict[str, TrialSpec], plan: ResourcePla
     if plan.use_gpu:
         resources["GPU"] = plan.gpus_per_worker
     run_name = f"{sweep_id}-{spec.key}"
+    # Polls are cheap (bench/RESULTS.md, report cadence); Train copies the variable to its
+    # controller, and a value the cluster sets wins.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", TRAIN_POLL_INTERVAL_S)
     if plan.workers_per_trial == 1:
         # Ray Train's preemption watcher drains a worker group gracefully before its node goes away;
         # a one-worker trial restarts from its checkpoint either way (FailureConfig), and each watcher
