@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -110,8 +111,6 @@ def show(report: dict, args) -> int:
 
 def run(args) -> dict:
     """The report dict of what the arguments ask to score."""
-    from pipeline.train.checkpoint import load_checkpoint
-
     if args.predictions:
         check_alone(args)
         return score_prediction_file(args.predictions, args.data, args.split, args.one_based)
@@ -121,17 +120,9 @@ def run(args) -> dict:
                                       ("--model", args.model), ("--baseline", args.baseline)) if value]
     if len(given) > 1:
         raise UsageError(f"give one of --checkpoint, --run-id, --model and --baseline, not {' and '.join(given)}")
-    if args.run_id:
-        from pipeline.tracking.pose_model import best_checkpoint_of_run
-
-        args.checkpoint = str(best_checkpoint_of_run(args.run_id, args.tracking_uri))
-    if args.model:
-        from pipeline.tracking.pose_model import checkpoint_of_model
-
-        args.checkpoint = str(checkpoint_of_model(args.model, args.tracking_uri))
-    if args.baseline is None and not args.checkpoint:
+    if args.baseline is None and not (args.checkpoint or args.run_id or args.model):
         raise UsageError("give --checkpoint CKPT, --run-id RUN, --model URI or --baseline mean-pose")
-    checkpoint = None if args.baseline else load_checkpoint(args.checkpoint)
+    checkpoint = None if args.baseline else load_given_checkpoint(args)
     config = config_from_args(args) if args.baseline else with_overrides(checkpoint["config"], args.overrides)
     config = with_overrides(config, [], data__spec=args.data, data__cache_dir=args.cache_dir,
                             train__eval_refine=True if args.refine else None)
@@ -139,9 +130,29 @@ def run(args) -> dict:
     if args.baseline == "mean-pose":
         return score_mean_pose(config, caches, progress=not args.quiet)
     report = score_checkpoint(config, checkpoint, caches, args, scales)
-    report.update({"checkpoint": str(args.checkpoint), "data": config.data.spec, "split": args.split,
+    report.update({"checkpoint": checkpoint_source(args), "data": config.data.spec, "split": args.split,
                    "flip": bool(args.flip), "scales": scales or [1.0], "refine": config.train.eval_refine})
     return report
+
+
+def checkpoint_source(args) -> str:
+    """What the scored checkpoint is, as the user named it (a download's temporary path is not)."""
+    return args.checkpoint or args.model or f"best of run {args.run_id}"
+
+
+def load_given_checkpoint(args) -> dict:
+    """The checkpoint --checkpoint, --model or --run-id names; a downloaded one is loaded and its
+    temporary directory removed."""
+    from pipeline.train.checkpoint import load_checkpoint
+
+    if args.checkpoint:
+        return load_checkpoint(args.checkpoint)
+    from pipeline.tracking.pose_model import best_checkpoint_of_run, checkpoint_of_model
+
+    with tempfile.TemporaryDirectory(prefix="cpm-model-") as download_dir:
+        path = (checkpoint_of_model(args.model, args.tracking_uri, download_dir) if args.model
+                else best_checkpoint_of_run(args.run_id, args.tracking_uri, download_dir))
+        return load_checkpoint(path)
 
 
 def score_mean_pose(config, caches: list, progress: bool) -> dict:
@@ -162,7 +173,7 @@ def score_checkpoint(config, checkpoint: dict, caches: list, args, scales) -> di
     joint_names = caches[0].joint_names
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build_model(config, len(joint_names))
-    load_model_state(model, checkpoint["model"], f"checkpoint {args.checkpoint}")
+    load_model_state(model, checkpoint["model"], f"checkpoint {checkpoint_source(args)}")
     model.to(device).to(memory_format=torch.channels_last).eval()
     permutation = flip_permutation(len(joint_names), caches[0].flip_pairs) if args.flip else None
     precision = args.precision or config.train.precision

@@ -13,8 +13,10 @@ peak of its belief map)}. One person per image, cropped as evaluation crops are 
 
 from __future__ import annotations
 
+import contextlib
+import tempfile
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -103,14 +105,18 @@ def is_model_uri(source: str | Path) -> bool:
     return isinstance(source, str) and source.startswith(MODEL_URI_SCHEMES)
 
 
-def checkpoint_of(source: str | Path, tracking_uri: str | None = None) -> Path:
+@contextlib.contextmanager
+def checkpoint_file(source: str | Path, tracking_uri: str | None = None) -> Iterator[Path]:
     """A checkpoint file or directory as given, or the checkpoint inside an MLflow model URI
-    (models:/NAME/VERSION, runs:/RUN_ID/model); MLflow is imported for a URI only."""
+    (models:/NAME/VERSION, runs:/RUN_ID/model), downloaded into a temporary directory that is
+    removed when the block ends; MLflow is imported for a URI only."""
     if not is_model_uri(source):
-        return Path(source)
+        yield Path(source)
+        return
     from pipeline.tracking.pose_model import checkpoint_of_model
 
-    return Path(checkpoint_of_model(str(source), tracking_uri))
+    with tempfile.TemporaryDirectory(prefix="cpm-model-") as download_dir:
+        yield checkpoint_of_model(str(source), tracking_uri, download_dir)
 
 
 def load(source: str | Path, device: str | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
@@ -121,5 +127,6 @@ def load(source: str | Path, device: str | None = None, batch_size: int = DEFAUL
     MLFLOW_TRACKING_URI, else the project's local store)."""
     from pipeline.train.inference import load_trained_model
 
-    model, config, joint_names, flip_pairs = load_trained_model(checkpoint_of(source, tracking_uri))
+    with checkpoint_file(source, tracking_uri) as path:
+        model, config, joint_names, flip_pairs = load_trained_model(path)
     return Predictor(model, config, joint_names, flip_pairs, device, batch_size, flip)

@@ -71,13 +71,15 @@ def logged(tmp_path_factory):
 
 
 def cli(*args: str, uri: str) -> subprocess.CompletedProcess:
-    """A command in an empty directory, which it must leave empty (no stray ./mlflow.db: every
-    MLflow call goes to --tracking-uri)."""
-    workdir = Path(uri[len("sqlite:///"):]).parent / "cwd"
+    """A command in an empty directory and with an empty temp directory, which it must leave empty
+    (no stray ./mlflow.db: every MLflow call goes to --tracking-uri; a downloaded model is removed)."""
+    workdir, tmpdir = (Path(uri[len("sqlite:///"):]).parent / name for name in ("cwd", "tmp"))
     workdir.mkdir(exist_ok=True)
+    tmpdir.mkdir(exist_ok=True)
     done = subprocess.run([sys.executable, "-m", *args, "--tracking-uri", uri], cwd=workdir, capture_output=True,
-                          text=True, timeout=300, env=without_tracking_uri())
+                          text=True, timeout=300, env=dict(without_tracking_uri(), TMPDIR=str(tmpdir)))
     assert not list(workdir.iterdir()), f"{args[0]} wrote {list(workdir.iterdir())} into its working directory"
+    assert not list(tmpdir.iterdir()), f"{args[0]} left {list(tmpdir.iterdir())} in its temp directory"
     return done
 
 
@@ -199,14 +201,19 @@ def test_evaluate_scores_a_registered_model_like_its_checkpoint(logged, tmp_path
     uri = logged["uri"]
     reports = {}
     for name, source in [("checkpoint", ["--checkpoint", str(logged["checkpoint"])]),
-                         ("model", ["--model", f"runs:/{logged['run_id']}/model"])]:
+                         ("model", ["--model", f"runs:/{logged['run_id']}/model"]),
+                         ("run", ["--run-id", logged["run_id"]])]:
         out = tmp_path / f"{name}.json"
         done = cli("pipeline.evaluate", *source, "--data", "synthetic:40", "--split", "val", "--quiet",
                    "--cache-dir", str(tmp_path / "cache"), "--json", str(out), uri=uri)
         assert done.returncode == 0, done.stderr[-2000:]
         reports[name] = json.loads(out.read_text())
-    assert reports["model"]["pck"] == reports["checkpoint"]["pck"]
-    assert reports["model"]["pck_per_joint"] == reports["checkpoint"]["pck_per_joint"]
+    for name in ("model", "run"):
+        assert reports[name]["pck"] == reports["checkpoint"]["pck"]
+        assert reports[name]["pck_per_joint"] == reports["checkpoint"]["pck_per_joint"]
+    # The report names what was scored as the user named it, not a removed download's path.
+    assert reports["model"]["checkpoint"] == f"runs:/{logged['run_id']}/model"
+    assert reports["run"]["checkpoint"] == f"best of run {logged['run_id']}"
 
 
 def test_an_unknown_model_is_one_line_and_exit_2(logged):

@@ -222,34 +222,30 @@ def log_pose_model(tracking_uri: str, experiment_id: str, run_id: str, checkpoin
     return logged.model_id
 
 
-def checkpoint_of_model(model_uri: str, tracking_uri: str | None = None, download_dir: str | None = None) -> Path:
-    """The checkpoint file inside a pose model (models:/NAME/VERSION, runs:/RUN_ID/model, ...)."""
-    import tempfile
-
+def checkpoint_of_model(model_uri: str, tracking_uri: str | None, download_dir: str) -> Path:
+    """The checkpoint file inside a pose model (models:/NAME/VERSION, runs:/RUN_ID/model, ...),
+    downloaded into `download_dir` (the caller's to remove)."""
     from pipeline.train.checkpoint import BEST_MODEL_FILE
 
     uri = store.reading_uri(tracking_uri)
-    target = download_dir or tempfile.mkdtemp(prefix="cpm-model-")
     try:
         with using_tracking_uri(uri), store.bounded_requests():
             return Path(mlflow.artifacts.download_artifacts(
-                artifact_uri=f"{model_uri.rstrip('/')}/artifacts/{BEST_MODEL_FILE}", dst_path=target, tracking_uri=uri))
+                artifact_uri=f"{model_uri.rstrip('/')}/artifacts/{BEST_MODEL_FILE}", dst_path=download_dir, tracking_uri=uri))
     except Exception as exc:  # MLflow raises its own types for unknown names, versions and paths
         raise TrackingError(f"model {model_uri!r} in {store.redact_uri(uri)}: no pose model with a "
                             f"{BEST_MODEL_FILE} there ({store.scrub(str(exc), uri).splitlines()[0][:300]})") from None
 
 
-def best_checkpoint_of_run(run_id: str, tracking_uri: str | None = None, download_dir: str | None = None) -> Path:
+def best_checkpoint_of_run(run_id: str, tracking_uri: str | None, download_dir: str) -> Path:
     """A local file holding a trial run's best checkpoint: the one in its pose model, else (runs
     logged before models were) its `best_model.pt` artifact, else the checkpoint directory its
-    `cpm.best_checkpoint` tag points to."""
+    `cpm.best_checkpoint` tag points to. Downloads go into `download_dir` (the caller's to remove)."""
     with store.bounded_requests():
         return _best_checkpoint_of_run(run_id, tracking_uri, download_dir)
 
 
-def _best_checkpoint_of_run(run_id: str, tracking_uri: str | None, download_dir: str | None) -> Path:
-    import tempfile
-
+def _best_checkpoint_of_run(run_id: str, tracking_uri: str | None, download_dir: str) -> Path:
     from pipeline.train.checkpoint import BEST_MODEL_FILE, CHECKPOINT_FILE  # imports torch: only here
 
     uri = store.reading_uri(tracking_uri)
@@ -259,11 +255,10 @@ def _best_checkpoint_of_run(run_id: str, tracking_uri: str | None, download_dir:
     except Exception as exc:  # MLflow raises its own exception types for unknown ids
         raise TrackingError(f"MLflow run {run_id!r} not found in {store.redact_uri(uri)}: "
                             f"{store.scrub(str(exc), uri)}") from None
-    target = download_dir or tempfile.mkdtemp(prefix=f"cpm-run-{run_id[:8]}-")
     if logged_model_of_run(client, run.info.experiment_id, run_id) is not None:
-        return checkpoint_of_model(f"runs:/{run_id}/{MODEL_NAME}", uri, target)
+        return checkpoint_of_model(f"runs:/{run_id}/{MODEL_NAME}", uri, download_dir)
     if BEST_MODEL_FILE in {a.path for a in client.list_artifacts(run_id)}:
-        return Path(client.download_artifacts(run_id, BEST_MODEL_FILE, target))
+        return Path(client.download_artifacts(run_id, BEST_MODEL_FILE, download_dir))
     pointer = run.data.tags.get("cpm.best_checkpoint")
     if pointer and (Path(pointer) / CHECKPOINT_FILE).is_file():
         return Path(pointer) / CHECKPOINT_FILE
