@@ -127,8 +127,9 @@ def main() -> int:
     for key, record in seen.items():
         used = record["cpu"] - record["first_cpu"] if key in before else record["cpu"]
         if used > 0:
-            by_role[role(record["comm"], record["cmdline"])][0] += 1
-            by_role[role(record["comm"], record["cmdline"])][1] += used
+            totals = by_role[role(record["comm"], record["cmdline"])]
+            totals[0] += 1
+            totals[1] += used
     counted = sum(cpu for _, cpu in by_role.values())
     print(f"\n{' '.join(command)[:120]}\nexit {process.returncode}, wall {wall:.0f} s; machine busy "
           f"{busy:.0f} CPU-s ({busy / wall:.2f} cores on average), of which counted by process {counted:.0f}")

@@ -113,7 +113,26 @@ def ray_tmpdir(request, tmp_path):
                 if not logs.parent.is_symlink():  # session_latest points at one of them
                     shutil.copytree(logs, tmp_path / "ray-logs" / logs.parent.name, dirs_exist_ok=True)
             print(f"Ray logs of the failed test kept in {tmp_path / 'ray-logs'}")
+            print_error_lines(tmp_path / "ray-logs")
         shutil.rmtree(path, ignore_errors=True)
+
+
+def print_error_lines(logs: Path, most: int = 40) -> None:
+    """The last error lines of a cluster's logs, by file: what a CI log shows of a failure whose
+    log directory stays on the CI machine."""
+    import re
+
+    # Ray's C++ lines at level E or F ("[time E pid tid] ..."), Python's ERROR records and exceptions.
+    error = re.compile(r"^\[[^\]]* [EF] \d+ \d+\]|\bERROR\b|^Traceback|^[\w.]+(Error|Exception): ")
+    found, seen = [], set()
+    for log in sorted(logs.glob("**/*")):
+        if log.is_file() and log.suffix in (".log", ".err", ".out"):
+            for number, line in enumerate(log.read_text(errors="replace").splitlines()):
+                if error.search(line) and not line.startswith("[state-dump]") and line not in seen:
+                    seen.add(line)
+                    found.append((log.stat().st_mtime, number, f"{log.name}: {line[:240]}"))
+    for *_, line in sorted(found)[-most:]:  # the files written last, each in its own order
+        print(line)
 
 
 @pytest.fixture(scope="module")

@@ -88,8 +88,7 @@ def test_sweep_tracks_every_trial_and_survives_a_failing_one(sweep_with_failures
 
     client, runs = trial_runs(tmp_path)
     by_name = {r.info.run_name: r for r in runs}
-    failed_name = FAILED_NAME
-    assert sorted(by_name) == [DIVERGING_NAME, "T=1 rf=45px is=on seed=0", failed_name, "T=3 rf=173px is=on seed=0"]
+    assert sorted(by_name) == [DIVERGING_NAME, "T=1 rf=45px is=on seed=0", FAILED_NAME, "T=3 rf=173px is=on seed=0"]
     parents = {r.data.tags["mlflow.parentRunId"] for r in runs}
     assert len(parents) == 1
     parent = client.get_run(parents.pop())
@@ -127,11 +126,11 @@ def test_sweep_tracks_every_trial_and_survives_a_failing_one(sweep_with_failures
     assert evaluated_pck(tmp_path, "--model", "models:/cpm-test/1") == pytest.approx(best.data.metrics["best_pck"],
                                                                                         abs=1e-9)
 
-    failed = by_name[failed_name]
+    failed = by_name[FAILED_NAME]
     assert failed.info.status == "FAILED"
     assert "fewer than one batch" in failed.data.tags["cpm.error"]
     # The table lists the finished configurations and names the failed one.
-    assert "| 3 | 173 |" in output and f"{failed_name}: FAILED" in output
+    assert "| 3 | 173 |" in output and f"{FAILED_NAME}: FAILED" in output
     # The claims close the output: T=1 against T=3 (T=2 failed), one seed each, so no verdict.
     assert "| stages | T=3 rf=173px is=on | T=1 rf=45px is=on | 1 / 1 |" in output
     assert output.rstrip().index("**inconclusive**") > output.index("| 3 | 173 |")
@@ -187,7 +186,11 @@ def _wait_for(predicate, timeout: float, what: str, proc=None):
             out = proc.stdout.read() if proc.stdout else ""
             pytest.fail(f"sweep exited ({proc.returncode}) while waiting for {what}:\n{out[-3000:]}")
         time.sleep(0.5)
-    pytest.fail(f"timed out waiting for {what}")
+    if proc is not None and proc.stdout is not None:
+        proc.kill()  # its output so far says where it stood (a pending trial, a worker restarting ...)
+        out = proc.communicate()[0] or ""
+        pytest.fail(f"timed out after {timeout:g} s waiting for {what}; the sweep's output:\n{out[-3000:]}")
+    pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
 
 
 def test_killed_worker_resumes_from_its_checkpoint_in_the_same_run(tmp_path, ray_tmpdir):
@@ -276,11 +279,10 @@ def test_random_search_with_asha_gives_each_sample_its_own_run(tmp_path, shared_
 @on_shared_cluster
 def test_a_diverging_trial_fails_naming_its_step_and_the_sweep_goes_on(sweep_with_failures):
     tmp_path, returncode, output = sweep_with_failures
-    diverging = DIVERGING_NAME
     assert returncode == 0, output[-3000:]  # some trials completed
     client, runs = trial_runs(tmp_path)
     by_name = {r.info.run_name: r for r in runs}
-    failed, finished = by_name[diverging], by_name["T=1 rf=45px is=on seed=0"]
+    failed, finished = by_name[DIVERGING_NAME], by_name["T=1 rf=45px is=on seed=0"]
     assert (failed.info.status, finished.info.status) == ("FAILED", "FINISHED"), sorted(
         (r.info.run_name, r.info.status) for r in runs)
     assert failed.data.params["train.lr"] == "1000000.0" and failed.data.params["train.optimizer"] == "sgd"
@@ -289,7 +291,7 @@ def test_a_diverging_trial_fails_naming_its_step_and_the_sweep_goes_on(sweep_wit
     # Stopped in its first epoch: no NaN epoch reached MLflow, and Ray Train did not retry it.
     assert epochs_logged(client, failed.info.run_id) == []
     assert epochs_logged(client, finished.info.run_id) == list(range(1, EPOCHS + 1))
-    assert f"{diverging}: FAILED" in output
+    assert f"{DIVERGING_NAME}: FAILED" in output
 
 
 RAY = str(Path(sys.executable).with_name("ray"))
