@@ -23,9 +23,16 @@ from pipeline.distributed.space import TrialSpec
 from pipeline.distributed.trial import run_trial
 from pipeline.redaction import public_config, redact_uri
 from pipeline.tracking import store
-from pipeline.tracking.trial_logger import MLflowTrialLogger
 from pipeline.tracking.operations import ClearEndTags, SetStatus, SetTags, run_ref
-from pipeline.tracking.writer import SPOOL_FILE, TrackingWriter, bound_http_retries
+from pipeline.tracking.trial_logger import MLflowTrialLogger
+from pipeline.tracking.writer import (
+    SPOOL_FILE,
+    TrackingWriter,
+    bound_http_retries,
+    call_while_transient,
+    failure_kind,
+    short_error,
+)
 from pipeline.train import metric_names as names
 from pipeline.train.caches import build_split_cache, cache_caps
 from pipeline.train.schedule import total_epochs
@@ -245,20 +252,31 @@ def _open_sweep_run(config: ExperimentConfig, uri: str, sweep_dir: Path, sweep_i
     writer = TrackingWriter(uri, sweep_dir / SPOOL_FILE, uninterrupted=uninterrupted).activate(sweep_id)
     writer.drain(DRAIN_TIMEOUT_S)
     client = MlflowClient(uri)
-    experiment_id = store.get_or_create_experiment(client, config.tracking.experiment)
     provenance = store.provenance_tags()
     parent_identity = {store.SWEEP_TAG: sweep_id, store.KIND_TAG: "sweep"}
-    parent_run_id, created = store.get_or_create_run(
-        client, experiment_id, parent_identity, run_name=f"sweep {sweep_id}", extra_tags=provenance)
+    params = {"preset": config.name, "num_trials": num_trials, "dataset": config.data.spec,
+              "grid": config.sweep.grid, "search": config.sweep.search, "resources": plan.describe(),
+              "max_concurrent_trials": plan.max_concurrent_trials, **public_config(config).flat_params()}
+
+    def open_parent_run() -> tuple[str, str, bool]:
+        # Repeatable: a retry after an answer that never arrived finds what the first try made.
+        experiment_id = store.get_or_create_experiment(client, config.tracking.experiment)
+        run_id, created = store.get_or_create_run(client, experiment_id, parent_identity,
+                                                  run_name=f"sweep {sweep_id}", extra_tags=provenance)
+        store.log_params_not_yet_logged(client, run_id, params)
+        return experiment_id, run_id, created
+
+    try:
+        # The trials cannot be placed in MLflow without this run: wait out a store that is busy.
+        experiment_id, parent_run_id, created = call_while_transient(open_parent_run, uri, DRAIN_TIMEOUT_S)
+    except Exception as exc:  # the store's errors become one line; a bug is raised
+        if failure_kind(exc) is None:
+            raise
+        raise SweepError(f"the tracking store {redact_uri(uri)} did not open the sweep's run "
+                         f"({short_error(exc, uri)}); no trial was started") from None
     parent_ref = run_ref(experiment_id, parent_identity)
     writer.register(parent_ref, parent_run_id)
-    if created:
-        store.log_params(client, parent_run_id, {
-            "preset": config.name, "num_trials": num_trials, "dataset": config.data.spec,
-            "grid": config.sweep.grid, "search": config.sweep.search, "resources": plan.describe(),
-            "max_concurrent_trials": plan.max_concurrent_trials,
-            **public_config(config).flat_params()})
-    else:  # reopened (--resume): it no longer carries how it ended before
+    if not created:  # reopened (--resume): it no longer carries how it ended before
         writer.submit(ClearEndTags(run=parent_ref))
     print(f"MLflow experiment '{config.tracking.experiment}', sweep run {parent_run_id}", flush=True)
     return SweepRuns(writer, client, experiment_id, parent_run_id, parent_ref, provenance)

@@ -21,6 +21,7 @@ from typing import Any
 
 from mlflow import MlflowClient
 from mlflow.entities import Param, RunTag
+from mlflow.exceptions import MlflowException
 
 from pipeline.redaction import REDACTED, redact_uri, uri_secrets
 from pipeline.tracking.errors import TrackingError
@@ -199,9 +200,14 @@ def get_or_create_experiment(client: MlflowClient, name: str) -> str:
     artifact_location = artifact_root_for(client.tracking_uri)
     if artifact_location:
         artifact_location = f"{artifact_location}/{name}"
-    # Open in the UI's model-training view (runs table), not the GenAI view MLflow 3 defaults to.
-    return client.create_experiment(name, artifact_location=artifact_location,
-                                    tags={"mlflow.experimentKind": "custom_model_development"})
+    try:
+        # Open in the UI's model-training view (runs table), not the GenAI view MLflow 3 defaults to.
+        return client.create_experiment(name, artifact_location=artifact_location,
+                                        tags={"mlflow.experimentKind": "custom_model_development"})
+    except MlflowException as exc:  # another sweep made it since the look-up above: use theirs
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS" or client.get_experiment_by_name(name) is None:
+            raise
+        return client.get_experiment_by_name(name).experiment_id
 
 
 def find_run(client: MlflowClient, experiment_id: str, tags: dict[str, str]):
@@ -261,6 +267,13 @@ def log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> Non
     items = [Param(k, str(v)[:6000]) for k, v in sorted(params.items())]
     for start in range(0, len(items), 100):
         client.log_batch(run_id, params=items[start:start + 100])
+
+
+def log_params_not_yet_logged(client: MlflowClient, run_id: str, params: dict[str, Any]) -> None:
+    """Log the params the run does not carry yet: a repeat after an answer that was lost, or a
+    reopened run, keeps the values already logged (MLflow refuses to change one)."""
+    logged = client.get_run(run_id).data.params
+    log_params(client, run_id, {k: v for k, v in params.items() if k not in logged})
 
 
 def metric_name(key: str) -> str:

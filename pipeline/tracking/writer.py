@@ -26,7 +26,7 @@ import os
 import time
 from collections import deque
 from pathlib import Path
-from typing import Callable, ContextManager, Literal
+from typing import Callable, ContextManager, Literal, TypeVar
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric
@@ -85,6 +85,33 @@ def failure_kind(exc: BaseException) -> Literal["transient", "rejected"] | None:
     if isinstance(exc, OSError) or type(exc).__module__.split(".")[0] in ("requests", "urllib3", "sqlalchemy"):
         return "transient"
     return None
+
+
+T = TypeVar("T")
+
+
+def short_error(exc: BaseException, uri: str) -> str:
+    """A store's error on one line, without the URI's secrets."""
+    return store.scrub(str(exc), uri)[:300] or type(exc).__name__
+
+
+def call_while_transient(call: Callable[[], T], uri: str, timeout_s: float, log: Callable[[str], None] = say) -> T:
+    """`call()` on the store at `uri`, tried again with back-off while it fails for a transient
+    reason (the store is away or overloaded) and `timeout_s` has not passed; the last failure, or a
+    rejection, is raised. For a caller that cannot go on without the answer; `call` must be safe
+    to repeat."""
+    deadline = time.monotonic() + timeout_s
+    delay = FIRST_RETRY_S
+    while True:
+        try:
+            return call()
+        except Exception as exc:  # noqa: BLE001 - classified below; a bug is raised as it is
+            if failure_kind(exc) != "transient" or time.monotonic() + delay > deadline:
+                raise
+            log(f"Tracking: {store.redact_uri(uri)} did not answer ({short_error(exc, uri)}); "
+                f"trying again in {delay:.0f} s")
+        time.sleep(delay)
+        delay = min(2 * delay, MAX_RETRY_S)
 
 
 # Tune pickles the sweep's callbacks and `--resume` runs the unpickled ones: the trial logger can
@@ -322,8 +349,7 @@ class TrackingWriter:
 
     # --- outage bookkeeping ----------------------------------------------------------------
     def _short(self, exc: BaseException) -> str:
-        """The error on one line, without the URI's secrets."""
-        return store.scrub(str(exc), self.tracking_uri)[:300] or type(exc).__name__
+        return short_error(exc, self.tracking_uri)
 
     def _note_down(self, exc: BaseException) -> None:
         now = time.monotonic()
