@@ -14,6 +14,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -217,8 +218,39 @@ def ray_client_env(base: dict, token: str) -> dict:
 
 # `ray start` gives its raylet a fixed 30 s to register with the GCS; on 2 cores busy with other
 # tests' clusters it once did not ("The current node timed out during startup"). Such a start is
-# stopped and made again, from new ports and a new temp dir.
-RAY_HEAD_START_ATTEMPTS = 2
+# stopped and made again, from new ports.
+RAY_START_ATTEMPTS = 2
+
+
+def start_ray(make_command: Callable[[], tuple[list[str], dict]]) -> tuple[list[str], int]:
+    """`ray start` (a head, or a node joining one) as `make_command()` -> (command, environment)
+    gives it, in a process session of its own; a start that timed out during start-up is killed by
+    that session and made again from a new command. Returns the command that started and its session
+    id (every process of the node keeps it, the renamed and reparented ones included)."""
+    from conftest import kill_session
+
+    for attempt in range(1, RAY_START_ATTEMPTS + 1):
+        command, env = make_command()
+        starter = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                   start_new_session=True)
+        try:
+            out, err = starter.communicate(timeout=180)
+        except subprocess.TimeoutExpired:
+            kill_session(starter.pid)
+            out, err = starter.communicate()
+        if starter.returncode == 0:
+            return command, starter.pid
+        kill_session(starter.pid)
+        output = out[-2000:] + err[-2000:]
+        if "timed out during startup" not in output or attempt == RAY_START_ATTEMPTS:
+            pytest.fail(f"{' '.join(command[1:3])} failed (exit {starter.returncode}):\n{output}")
+        print(f"{' '.join(command[1:3])} timed out during startup (attempt {attempt}); starting it again")
+    raise AssertionError("unreachable")
+
+
+def option_of(command: list[str], name: str) -> str:
+    """The value of `--name=value` in a command line."""
+    return next(arg.split("=", 1)[1] for arg in command if arg.startswith(f"{name}="))
 
 
 @contextlib.contextmanager
@@ -228,40 +260,29 @@ def ray_head(num_cpus: int):
     stopping it kills exactly its processes, never `ray stop`."""
     import secrets
 
-    token = secrets.token_hex(32)
-    for attempt in range(1, RAY_HEAD_START_ATTEMPTS + 1):
-        with _started_head(num_cpus, token) as (started, env, output):
-            if started:
-                yield RayHead(env)
-                return
-            if "timed out during startup" not in output or attempt == RAY_HEAD_START_ATTEMPTS:
-                pytest.fail(f"ray start --head failed:\n{output}")
-            print(f"ray start --head timed out during startup (attempt {attempt}); starting it again")
-
-
-@contextlib.contextmanager
-def _started_head(num_cpus: int, token: str):
-    """One `ray start --head`: yields (started, the driver's environment, its output), and kills
-    every process it started afterwards."""
     from conftest import kill_processes_mentioning, kill_session
 
-    temp_dir = tempfile.mkdtemp(prefix="rayh", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    port, dashboard_port = free_port(), free_port()
-    # The state API inside the cluster (Ray Train's controller) must find this cluster's API server,
-    # not scan the machine's raylets: it reads RAY_API_SERVER_ADDRESS, which its processes inherit.
-    env = {**ray_client_env(os.environ, token), "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard_port}"}
-    command = ["ray", "start", "--head", f"--port={port}", f"--num-cpus={num_cpus}", "--disable-usage-stats",
-               f"--temp-dir={temp_dir}", "--include-dashboard=true", f"--dashboard-port={dashboard_port}",
-               f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}"]
-    # A session of its own: every process of the cluster keeps its session id, so teardown finds
-    # them all, the renamed and reparented ones included.
-    starter = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
+    token = secrets.token_hex(32)
+    temp_dirs: list[str] = []
+
+    def head_command() -> tuple[list[str], dict]:
+        temp_dirs.append(tempfile.mkdtemp(prefix="rayh", dir="/tmp"))  # short: socket paths must fit 107 bytes
+        dashboard_port = free_port()
+        # The state API inside the cluster (Ray Train's controller) must find this cluster's API
+        # server, not scan the machine's raylets: it reads RAY_API_SERVER_ADDRESS, which its
+        # processes inherit.
+        env = {**ray_client_env(os.environ, token), "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard_port}"}
+        return (["ray", "start", "--head", f"--port={free_port()}", f"--num-cpus={num_cpus}", "--disable-usage-stats",
+                 f"--temp-dir={temp_dirs[-1]}", "--include-dashboard=true", f"--dashboard-port={dashboard_port}",
+                 f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}"], env)
+
+    session = None
     try:
-        out, err = starter.communicate(timeout=180)
-        yield (starter.returncode == 0, {**ray_client_env(os.environ, token), "RAY_ADDRESS": f"127.0.0.1:{port}"},
-               out[-2000:] + err[-2000:])
+        command, session = start_ray(head_command)
+        yield RayHead({**ray_client_env(os.environ, token), "RAY_ADDRESS": f"127.0.0.1:{option_of(command, '--port')}"})
     finally:
-        kill_session(starter.pid)
-        kill_processes_mentioning(temp_dir)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        if session is not None:
+            kill_session(session)
+        for temp_dir in temp_dirs:
+            kill_processes_mentioning(temp_dir)
+            shutil.rmtree(temp_dir, ignore_errors=True)

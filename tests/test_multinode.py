@@ -20,6 +20,7 @@ from pathlib import Path
 import mlflow
 import pytest
 from mlflow import MlflowClient
+from services import option_of, start_ray
 
 # Under `pytest -n 2` the tests that start clusters with `ray start` run one at a time, on one
 # worker: a head takes some fixed default ports (the Ray client server's 10001) that a second one
@@ -46,20 +47,26 @@ def token_env(ray_tmpdir: str, token: str) -> dict:
 
 def start_nodes(env: dict, second_node_env: dict, dashboard_port: int | None = None,
                 second_node_manager_port: int | None = None) -> str:
-    port = free_port()
-    # Each node's dashboard agent on its own port: two nodes of one machine would race for the
-    # default one, and the job server needs the head's.
-    head = ["ray", "start", "--head", f"--port={port}", "--num-cpus=1", "--disable-usage-stats",
-            f"--dashboard-agent-listen-port={free_port()}"]
-    head += ([f"--dashboard-port={dashboard_port}", "--include-dashboard=true"] if dashboard_port
-             else ["--include-dashboard=false"])
-    subprocess.run(head, env=env, check=True, capture_output=True, timeout=120)
-    second = ["ray", "start", f"--address=127.0.0.1:{port}", "--num-cpus=1", "--disable-usage-stats",
-              f"--dashboard-agent-listen-port={free_port()}"]
-    if second_node_manager_port:
-        second.append(f"--node-manager-port={second_node_manager_port}")
-    subprocess.run(second, env=second_node_env, check=True, capture_output=True, timeout=120)
-    return f"127.0.0.1:{port}"
+    def head() -> tuple[list[str], dict]:
+        # Each node's dashboard agent on its own port: two nodes of one machine would race for the
+        # default one, and the job server needs the head's.
+        command = ["ray", "start", "--head", f"--port={free_port()}", "--num-cpus=1", "--disable-usage-stats",
+                   f"--dashboard-agent-listen-port={free_port()}"]
+        command += ([f"--dashboard-port={dashboard_port}", "--include-dashboard=true"] if dashboard_port
+                    else ["--include-dashboard=false"])
+        return command, env
+
+    address = f"127.0.0.1:{option_of(start_ray(head)[0], '--port')}"
+
+    def second() -> tuple[list[str], dict]:
+        command = ["ray", "start", f"--address={address}", "--num-cpus=1", "--disable-usage-stats",
+                   f"--dashboard-agent-listen-port={free_port()}"]
+        if second_node_manager_port:
+            command.append(f"--node-manager-port={second_node_manager_port}")
+        return command, second_node_env
+
+    start_ray(second)
+    return address
 
 
 def sweep_command(tmp_path: Path, *extra: str) -> list[str]:

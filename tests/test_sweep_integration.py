@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import kill_processes_mentioning
 from mlflow import MlflowClient
-from services import RayHead, free_port
+from services import RayHead, free_port, option_of, start_ray
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -300,13 +300,15 @@ RAY = str(Path(sys.executable).with_name("ray"))
 def start_head(env: dict) -> tuple[str, str]:
     """A one-node cluster on free ports (any other cluster on this machine keeps its own); returns
     (GCS address, dashboard URL). Token authentication on, with the token in `env`."""
-    ports = {name: free_port() for name in ("port", "dashboard-port", "node-manager-port", "object-manager-port",
-                                            "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                            "runtime-env-agent-port", "metrics-export-port", "ray-client-server-port")}
-    command = [RAY, "start", "--head", "--num-cpus=2", "--disable-usage-stats", "--include-dashboard=true",
-               "--dashboard-host=127.0.0.1", *(f"--{name}={port}" for name, port in ports.items())]
-    subprocess.run(command, env=env, check=True, capture_output=True, timeout=180)
-    return f"127.0.0.1:{ports['port']}", f"http://127.0.0.1:{ports['dashboard-port']}"
+    def head() -> tuple[list[str], dict]:
+        ports = {name: free_port() for name in (
+            "port", "dashboard-port", "node-manager-port", "object-manager-port", "dashboard-agent-listen-port",
+            "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port", "ray-client-server-port")}
+        return [RAY, "start", "--head", "--num-cpus=2", "--disable-usage-stats", "--include-dashboard=true",
+                "--dashboard-host=127.0.0.1", *(f"--{name}={port}" for name, port in ports.items())], env
+
+    command, _ = start_ray(head)
+    return f"127.0.0.1:{option_of(command, '--port')}", f"http://127.0.0.1:{option_of(command, '--dashboard-port')}"
 
 
 @pytest.mark.xdist_group("ray-start")  # a `ray start` head: see tests/test_multinode.py
