@@ -176,6 +176,13 @@ def parent_pid(pid: int) -> int | None:
         return None
 
 
+# How long a sweep may take to reach a point a test waits for (a trial's first epoch, its end):
+# about a minute on an idle machine, several times that on 2 cores shared with another pytest
+# worker's clusters (CI once took more than 300 s). Only a failing test waits it out; it stays
+# under pytest's 600 s per test so that the failure shows the sweep's output.
+SWEEP_WAIT_S = 450
+
+
 def _wait_for(predicate, timeout: float, what: str, proc=None):
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -201,7 +208,7 @@ def test_killed_worker_resumes_from_its_checkpoint_in_the_same_run(tmp_path, ray
                             text=True)
     try:
         _wait_for(lambda: any(r.get("epoch") == 1 and "train_loss" in r for r in _result_rows(tmp_path / "ray")),
-                  240, "epoch 1", proc)
+                  SWEEP_WAIT_S, "epoch 1", proc)
         # Ray Train workers of this test's cluster: children of a raylet started under ray_tmpdir.
         raylets = set(processes_named(ray_tmpdir))
         workers = [pid for pid in processes_named("RayTrainWorker") if parent_pid(pid) in raylets]
@@ -237,7 +244,7 @@ def test_killed_driver_resumes_without_duplicate_runs(tmp_path, ray_tmpdir):
                             start_new_session=True)
     try:
         # Kill the driver (and the local cluster it started) once the first trial has finished.
-        _wait_for(lambda: any(r.get("artifacts_dir") for r in _result_rows(tmp_path / "ray")), 300,
+        _wait_for(lambda: any(r.get("artifacts_dir") for r in _result_rows(tmp_path / "ray")), SWEEP_WAIT_S,
                   "the first trial to finish", proc)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
@@ -354,7 +361,7 @@ def test_ray_job_stop_marks_the_runs_killed_and_resume_finishes_them(tmp_path, r
                 pytest.fail(f"the job ended by itself:\n{status}\n{job_logs()[-3000:]}")
         return False
 
-    _wait_for(first_epoch_reported, 600, "a trial's first epoch")
+    _wait_for(first_epoch_reported, SWEEP_WAIT_S, "a trial's first epoch")
     stopped = subprocess.run([RAY, "job", "stop", "--address", dashboard, "stop-me"], env=env, capture_output=True,
                              text=True, timeout=120)
     assert stopped.returncode == 0, stopped.stdout + stopped.stderr

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 from services import LOOPBACK_ENV, MLFLOW_SERVER_ENV, free_port, mlflow_server_command, wait_healthy
-from test_sweep_integration import _wait_for, sweep_command, sweep_env
+from test_sweep_integration import SWEEP_WAIT_S, _wait_for, sweep_command, sweep_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -85,7 +85,7 @@ def test_a_tracking_server_outage_loses_and_duplicates_nothing(tmp_path, server,
                                 stderr=subprocess.STDOUT, text=True)
     storage = tmp_path / "ray"
     try:
-        _wait_for(lambda: len({r["trial_id"] for r in epoch_rows(storage) if r["epoch"] >= 2}) == 2, 300,
+        _wait_for(lambda: len({r["trial_id"] for r in epoch_rows(storage) if r["epoch"] >= 2}) == 2, SWEEP_WAIT_S,
                   "epoch 2 of both trials", proc)
         server.kill()
         down_at = time.time()
