@@ -327,10 +327,11 @@ def test_ray_job_stop_marks_the_runs_killed_and_resume_finishes_them(tmp_path, r
     running trials' runs KILLED in that time. `--resume` then finishes every trial in its run."""
     import secrets
 
-    # Full epochs (15 steps, about 1.4 s each here): from the first epoch in Tune's result file to
-    # the driver's SIGTERM took 14-16 s (the test's poll, the `ray job stop` CLI, the job server);
-    # at 2 steps an epoch took 0.4 s and both trials had trained all 30 epochs by then.
-    epochs = 30
+    # Full epochs (15 steps, 1.2-1.4 s each here) and enough of them: from the first epoch in Tune's
+    # result file to the stop, the faster trial trained 9 to 20 more epochs (the test's poll, the
+    # `ray job stop` CLI, the job server, the driver's handler). At 2 steps an epoch took 0.4 s and
+    # both trials had trained all 30 by then.
+    epochs = 60
     env = dict(os.environ, RAY_TMPDIR=ray_tmpdir, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32),
                PYTHONUNBUFFERED="1")
     for name in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH"):
